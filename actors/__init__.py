@@ -1,0 +1,1 @@
+"""Generation actors: an engine (HF generate on CPU, vLLM on GPU) behind one Ray actor."""

@@ -1,0 +1,1 @@
+"""Datasets into prompt records: loaders, the synthetic geometry generator, and data preparation."""

@@ -1,0 +1,1 @@
+"""Rewards (accuracy, format, repetition, visual perception) and the Ray Serve judge application."""

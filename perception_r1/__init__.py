@@ -1,0 +1,1 @@
+"""perception-r1: the CLI, the config schema and the driver (the composition root)."""

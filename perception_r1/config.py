@@ -1,0 +1,426 @@
+"""The one config schema: every YAML in `configs/` loads into `Config`, and each component gets its
+own sub-config. Unknown keys, out-of-range values and impossible combinations fail here, at parse
+time, with a message that names the field and the fix. Imports nothing heavy (`--help` stays fast).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+FORMAT_PROMPT = (
+    "You FIRST think about the reasoning process as an internal monologue and then provide the final answer. "
+    "The reasoning process MUST BE enclosed within <think> </think> tags, and the answer process MUST BE "
+    "enclosed within <answer> </answer> tags. The final answer MUST BE put in \\boxed{} in <answer> </answer> tags."
+)
+"""The reference's format prompt as the model sees it: one line (spec §2)."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+# ----------------------------------------------------------------------------------------------- run
+class RunConfig(Section):
+    name: str = "perception-r1"
+    """Run name: the mlflow run name and the folder under `output_dir`."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation."""
+    output_dir: str = "runs"
+    """Where checkpoints, logs and the resolved config go (`<output_dir>/<name>/`)."""
+    num_steps: int = Field(20, ge=1)
+    """Learner steps (optimizer updates) to run."""
+
+
+class ClusterConfig(Section):
+    address: str | None = None
+    """Ray cluster to join (`auto`, `ray://…`, host:port). None: `RAY_ADDRESS` if set, else a local cluster."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs for a local cluster (None: all). Ignored when joining a running cluster."""
+    num_gpus: int | None = Field(None, ge=0)
+    """GPUs for a local cluster (None: all visible). Ignored when joining a running cluster."""
+    dashboard_host: str = "127.0.0.1"
+    """Where a local cluster's dashboard listens; loopback unless you mean to expose it."""
+    include_dashboard: bool = True
+    """Start the Ray dashboard with a local cluster (metrics at `/metrics`)."""
+
+
+# --------------------------------------------------------------------------------------------- model
+class TinyModel(Section):
+    type: Literal["tiny"] = "tiny"
+    cache_dir: str = ".cache/tiny-qwen2_5_vl"
+    """Where the tiny random Qwen2.5-VL is built once and then loaded by path like a real model."""
+    hidden_size: int = Field(128, ge=16)
+    num_layers: int = Field(2, ge=1)
+    vocab_size: int = Field(1024, ge=300)
+    """Size of the BPE vocabulary trained on the spot on synthetic geometry text."""
+    seed: int = 0
+    """Seed for the random weights."""
+
+
+class PretrainedModel(Section):
+    type: Literal["pretrained"] = "pretrained"
+    path: str
+    """Local folder with config, weights, tokenizer and processor (nothing is downloaded at run time)."""
+
+
+ModelConfig = Annotated[Union[TinyModel, PretrainedModel], Field(discriminator="type")]
+
+
+# ---------------------------------------------------------------------------------------------- data
+class SyntheticData(Section):
+    type: Literal["synthetic"] = "synthetic"
+    num_problems: int = Field(512, ge=1)
+    seed: int = 0
+    image_size: int = Field(224, ge=56, le=2048)
+    """Side of the square diagram in pixels."""
+
+
+class FileData(Section):
+    type: Literal["file"] = "file"
+    path: str
+    """A parquet or JSONL file with `problem` (with `<image>`), `answer`, `images`, optional `visual_key_info`."""
+
+
+class DataConfig(Section):
+    dataset: Annotated[Union[SyntheticData, FileData], Field(discriminator="type")] = SyntheticData()
+    format_prompt: str = FORMAT_PROMPT
+    """Appended to each problem after one space (spec §2)."""
+    min_pixels: int = Field(3136, ge=1)
+    """Images smaller than this (w*h) are scaled up to it (spec §2)."""
+    max_pixels: int = Field(1806336, ge=1)
+    """Images larger than this (w*h) are scaled down to it (spec §2)."""
+    max_prompt_tokens: int = Field(4096, ge=16)
+    """Prompts longer than this are rejected with a counted skip."""
+    shuffle_seed: int | None = 1
+    """Shuffle the dataset with this seed each epoch (None: dataset order)."""
+
+    @model_validator(mode="after")
+    def _pixels(self) -> DataConfig:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"data.min_pixels ({self.min_pixels}) exceeds data.max_pixels ({self.max_pixels}); swap them")
+        return self
+
+
+# ------------------------------------------------------------------------------------------- rollout
+class HFEngine(Section):
+    type: Literal["hf"] = "hf"
+    num_threads: int = Field(1, ge=1)
+    """torch intra-op threads per actor (keep actors from fighting over few cores)."""
+
+
+class VLLMEngine(Section):
+    type: Literal["vllm"] = "vllm"
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.7, gt=0.0, le=0.98)
+    max_model_len: int = Field(8192, ge=256)
+    max_num_seqs: int = Field(1024, ge=1)
+    max_num_batched_tokens: int = Field(8192, ge=256)
+    enforce_eager: bool = False
+    """Skip torch.compile and CUDA graphs (starts in ~1.5 min instead of ~3 for 7B; slower decode)."""
+    load_format: Literal["auto", "dummy", "safetensors"] = "auto"
+    """`dummy`: random weights of the real architecture (benchmarks without real weights)."""
+
+
+class RolloutConfig(Section):
+    engine: Annotated[Union[HFEngine, VLLMEngine], Field(discriminator="type")] = HFEngine()
+    num_actors: int = Field(1, ge=1)
+    num_gpus_per_actor: float = Field(0.0, ge=0.0)
+    max_restarts: int = Field(3, ge=0)
+    """How many times Ray restarts a crashed generation actor."""
+    samples_per_prompt: int = Field(8, ge=2)
+    """n: rollouts per prompt (a GRPO group); >= 2 so the group std exists."""
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(4096, ge=1)
+    prompts_per_call: int = Field(1, ge=1)
+    """Prompts an actor generates in one call (larger batches: better throughput, coarser versions)."""
+    max_inflight_per_actor: int = Field(2, ge=1)
+    """Calls queued on each actor, so it never idles between calls."""
+
+    @model_validator(mode="after")
+    def _engine(self) -> RolloutConfig:
+        if isinstance(self.engine, VLLMEngine) and self.num_gpus_per_actor < self.engine.tensor_parallel_size:
+            raise ValueError(
+                f"rollout.engine.tensor_parallel_size={self.engine.tensor_parallel_size} needs "
+                f"rollout.num_gpus_per_actor >= {self.engine.tensor_parallel_size} (got {self.num_gpus_per_actor})")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- judge
+class RewardConfig(Section):
+    mode: Literal["reference", "fixed"] = "reference"
+    """`reference`: the upstream reward code's exact behaviour (spec §3.6); `fixed`: its bugs treated (spec §3.6)."""
+    accuracy_weight: float = 0.9
+    format_weight: float = 0.1
+    repetition_weight: float = 1.0
+    visual_weight: float = 0.7
+    """The reference script's visual_reward_factor (spec §3.5)."""
+    ngram_size: int = Field(20, ge=1)
+    repetition_penalty: float = Field(-2.0, le=0.0)
+    use_visual_reward: bool = True
+
+
+class LexicalJudge(Section):
+    type: Literal["lexical"] = "lexical"
+    """CPU judge in the same Serve app: same OpenAI API, verdicts by matching each annotation's numbers and terms."""
+
+
+class ExternalJudge(Section):
+    type: Literal["external"] = "external"
+    base_url: str
+    """OpenAI-compatible endpoint, e.g. `http://judge-host:16657/v1`."""
+    model: str
+    api_key_env: str = "JUDGE_API_KEY"
+    """Environment variable holding the API key (never put keys in configs)."""
+
+
+class VLLMJudge(Section):
+    type: Literal["vllm"] = "vllm"
+    model_path: str
+    """Local folder of the judge LLM (text-only, as in the reference)."""
+    num_replicas: int = Field(1, ge=1)
+    num_gpus_per_replica: float = Field(1.0, gt=0.0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=0.98)
+    max_model_len: int = Field(8192, ge=256)
+    load_format: Literal["auto", "dummy", "safetensors"] = "auto"
+
+
+class JudgeConfig(Section):
+    reward: RewardConfig = RewardConfig()
+    llm: Annotated[Union[LexicalJudge, ExternalJudge, VLLMJudge], Field(discriminator="type")] = LexicalJudge()
+    verdict_mode: Literal["reference", "strict"] = "reference"
+    """`reference`: K counted from the judge's tags; `strict`: K = number of annotations, missing items 0."""
+    temperature: float = Field(0.0, ge=0.0)
+    max_tokens: int = Field(512, ge=1)
+    timeout_s: float = Field(60.0, gt=0.0)
+    """Per-request timeout for the judge LLM."""
+    max_retries: int = Field(2, ge=0)
+    max_concurrency: int = Field(512, ge=1)
+    """Judge requests in flight per reward replica."""
+    fallback_visual: float = Field(0.0, ge=0.0, le=1.0)
+    """r_v for a failed judgement (counted in metrics; never crashes training)."""
+    breaker_failures: int = Field(20, ge=1)
+    """Consecutive failures that open the circuit breaker (calls then fail fast)."""
+    breaker_reset_s: float = Field(30.0, gt=0.0)
+    """How long the breaker stays open before letting a trial request through."""
+    cache_size: int = Field(10000, ge=0)
+    """Judgements cached by (response, annotations); 0 disables the cache."""
+    num_reward_replicas: int = Field(1, ge=1)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=1, le=65535)
+
+
+# -------------------------------------------------------------------------------------------- buffer
+class BufferConfig(Section):
+    max_staleness: int = Field(1, ge=0)
+    """Train a group only while learner_version - group.policy_version <= this. 0: synchronous on-policy GRPO."""
+    max_groups: int = Field(64, ge=1)
+    """Scored groups held at most; producers wait (back-pressure) when full."""
+    max_bytes: int = Field(1 << 30, ge=1 << 20)
+    """Bytes of scored groups held at most; producers wait when over."""
+
+
+# ------------------------------------------------------------------------------------------- learner
+class LossConfig(Section):
+    type: Literal["grpo", "tis", "decoupled"] = "grpo"
+    """`grpo`: on-policy clipped loss; `tis`: times a truncated behaviour importance weight;
+    `decoupled`: clipped against the recomputed proximal policy, tokens over the behaviour cap masked (AReaL)."""
+    clip_low: float = Field(0.2, ge=0.0, lt=1.0)
+    clip_high: float = Field(0.3, ge=0.0)
+    dual_clip: float | None = Field(3.0, gt=1.0)
+    """Dual-clip constant c for negative advantages (None disables)."""
+    std_eps: float = Field(1e-6, gt=0.0)
+    unbiased_std: bool = True
+    """Group std with N-1 (the reference) or N."""
+    normalize_std: bool = True
+    """Divide advantages by the group std (False: Dr. GRPO style mean-centering only)."""
+    aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    kl_coef: float = Field(0.0, ge=0.0)
+    """KL(pi || ref) penalty weight (k3 estimator). > 0 loads a frozen reference model."""
+    entropy_coef: float = Field(0.0, ge=0.0)
+    drop_uniform_groups: bool = False
+    """Skip groups whose rewards are all equal (zero advantage) instead of training on them."""
+    tis_cap: float = Field(2.0, ge=1.0)
+    """`tis`: importance weights pi_old/pi_behaviour are truncated at this value."""
+    behaviour_cap: float = Field(5.0, ge=1.0)
+    """`decoupled`: tokens whose pi_prox/pi_behaviour exceeds this are masked out."""
+
+
+class OptimizerConfig(Section):
+    lr: float = Field(1e-6, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    weight_decay: float = Field(1e-3, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup from lr 0; the first update uses lr 0, as in the reference."""
+
+
+class LearnerConfig(Section):
+    num_workers: int = Field(1, ge=1)
+    """Ray Train workers (FSDP2 ranks)."""
+    num_gpus_per_worker: int = Field(0, ge=0, le=1)
+    cpus_per_worker: float = Field(0.0, ge=0.0)
+    prompts_per_step: int = Field(4, ge=1)
+    """Groups per optimizer step (the reference: 128 prompts x 8 samples)."""
+    num_minibatches: int = Field(1, ge=1)
+    """Optimizer steps per batch (1 in the reference: one update per rollout)."""
+    max_tokens_per_micro_batch: int = Field(16384, ge=64)
+    """Sequences are packed into micro-batches of at most this many tokens (gradient accumulation)."""
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    freeze_vision: bool = False
+    """Freeze the vision tower (the reference trains it)."""
+    gradient_checkpointing: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype (master weights and optimizer state stay fp32). bfloat16 needs GPUs."""
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    """Attention kernel; flash_attention_2 needs the `flash` extra."""
+
+
+class SyncConfig(Section):
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """`auto`: nccl when the learner has GPUs, else gloo."""
+    interval_steps: int = Field(1, ge=1)
+    """Broadcast weights to the generation actors every this many learner steps."""
+    timeout_s: float = Field(600.0, gt=0.0)
+    """A collective that does not finish in this time fails the run naming the stuck peer."""
+    bucket_mb: int = Field(512, ge=1)
+    """Size of the flat buffers the weights are packed into for broadcast."""
+
+
+class TrackingConfig(Section):
+    mlflow_uri: str | None = None
+    """mlflow tracking URI. None: `MLFLOW_TRACKING_URI` if set, else `sqlite:///mlruns.db` in the working dir."""
+    experiment: str = "perception-r1"
+    log_rollouts_every: int = Field(5, ge=0)
+    """Log a table of sample rollouts (image, response, rewards, verdicts) every k steps; 0: never."""
+    progress_bar: bool = True
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(10, ge=0)
+    """Checkpoint every k learner steps (and at shutdown); 0: only at shutdown."""
+    keep: int = Field(3, ge=1)
+    """Keep the newest k complete checkpoints."""
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    model: ModelConfig = TinyModel()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    judge: JudgeConfig = JudgeConfig()
+    buffer: BufferConfig = BufferConfig()
+    learner: LearnerConfig = LearnerConfig()
+    sync: SyncConfig = SyncConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        for problem in _cross_field_problems(self):
+            raise ValueError(problem)
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+def _cross_field_problems(cfg: Config) -> list[str]:
+    problems = []
+    if cfg.learner.prompts_per_step > cfg.buffer.max_groups:
+        problems.append(
+            f"learner.prompts_per_step ({cfg.learner.prompts_per_step}) exceeds buffer.max_groups "
+            f"({cfg.buffer.max_groups}): a batch could never fill; raise buffer.max_groups")
+    if cfg.learner.num_minibatches > cfg.learner.prompts_per_step:
+        problems.append(
+            f"learner.num_minibatches ({cfg.learner.num_minibatches}) exceeds learner.prompts_per_step "
+            f"({cfg.learner.prompts_per_step}): each minibatch needs a group; lower num_minibatches")
+    if cfg.learner.optimizer.warmup_steps > cfg.run.num_steps:
+        problems.append(
+            f"learner.optimizer.warmup_steps ({cfg.learner.optimizer.warmup_steps}) exceeds run.num_steps "
+            f"({cfg.run.num_steps}): the lr would never reach its value; lower warmup_steps")
+    gpus = cfg.learner.num_gpus_per_worker
+    if cfg.sync.backend == "nccl" and gpus == 0:
+        problems.append("sync.backend=nccl needs learner.num_gpus_per_worker=1; use gloo or auto on CPU")
+    if cfg.learner.dtype == "bfloat16" and gpus == 0:
+        problems.append("learner.dtype=bfloat16 needs GPUs (learner.num_gpus_per_worker=1); use float32 on CPU")
+    if isinstance(cfg.rollout.engine, VLLMEngine) and cfg.rollout.num_gpus_per_actor == 0:
+        problems.append("rollout.engine.type=vllm needs rollout.num_gpus_per_actor >= 1; use engine type hf on CPU")
+    if cfg.learner.attn_implementation == "flash_attention_2" and gpus == 0:
+        problems.append("learner.attn_implementation=flash_attention_2 needs GPUs; use sdpa on CPU")
+    requested = _gpus_requested(cfg)
+    if cfg.cluster.num_gpus is not None and requested > cfg.cluster.num_gpus:
+        problems.append(
+            f"the config asks for {requested:g} GPUs (rollout {cfg.rollout.num_actors}x{cfg.rollout.num_gpus_per_actor:g}, "
+            f"learner {cfg.learner.num_workers}x{gpus}, judge) but cluster.num_gpus is {cfg.cluster.num_gpus}; "
+            "lower the counts or raise cluster.num_gpus")
+    return problems
+
+
+def _gpus_requested(cfg: Config) -> float:
+    judge = cfg.judge.llm
+    judge_gpus = judge.num_replicas * judge.num_gpus_per_replica if isinstance(judge, VLLMJudge) else 0.0
+    return (cfg.rollout.num_actors * cfg.rollout.num_gpus_per_actor
+            + cfg.learner.num_workers * cfg.learner.num_gpus_per_worker + judge_gpus)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (plus `a.b.c=value` overrides) into a validated Config, or raise ValueError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist; pass a YAML file such as configs/demo-cpu.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {path} must hold a mapping of sections (run:, model:, ...), got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict, *, source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ValueError(f"{source}: invalid config\n{_explain(e)}") from None
+
+
+def _explain(error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key; remove it or check its spelling against perception_r1/config.py")
+        elif err["type"] == "value_error":
+            lines.append(f"  {where}: {err['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {item!r} must look like section.key=value, e.g. run.num_steps=5")
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {item!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Records that cross processes, the seams between roles, and the replay buffer."""

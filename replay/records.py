@@ -1,0 +1,201 @@
+"""Typed records that cross process boundaries: prompt -> rollout group -> scored group -> train batch.
+
+Every record is a frozen dataclass. Token ids and logprobs are numpy arrays (cheap to pickle into the
+Ray object store, encoded as raw bytes by `replay.codec` where records leave Ray). Every record that
+carries model output carries the `policy_version` of the weights that produced it.
+
+    Prompt ──(actors/)──> RolloutGroup ──(judge/)──> ScoredGroup ──(replay/)──> TrainBatch ──> learner/
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """One problem: an image, a question about it, the answer, and what the image shows."""
+
+    id: str
+    """Stable id, unique within the dataset (e.g. `geo3k-00017`); resume and McNemar pair by it."""
+    index: int
+    """Position in the dataset's canonical order (0-based); the data iterator's cursor refers to it."""
+    problem: str
+    """Question text with exactly one `<image>` placeholder where the image goes."""
+    answer: str
+    """Ground-truth final answer as the dataset stores it (raw string, e.g. `24` or `2\\sqrt{3}`)."""
+    image: bytes
+    """The image, encoded (PNG or JPEG bytes)."""
+    annotations: tuple[str, ...] = ()
+    """Visual annotations v_1..v_m: short sentences of what the image shows. Empty: no visual reward."""
+    solution: str = ""
+    """A worked solution in the method's format (SFT targets); empty when the dataset has none."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """One sampled completion of a prompt."""
+
+    token_ids: np.ndarray
+    """int32 [T]: completion tokens up to and including the first EOS (T <= max_new_tokens)."""
+    logprobs: np.ndarray
+    """float32 [T]: behaviour logprob of each token under the distribution it was sampled from."""
+    text: str
+    """The completion decoded with `skip_special_tokens=True` (what the rewards read)."""
+    finish_reason: str
+    """`stop` (ended with EOS) or `length` (hit max_new_tokens)."""
+    min_version: int
+    """Oldest policy_version whose weights produced any token of this rollout."""
+    max_version: int
+    """Newest policy_version whose weights produced any token (> min_version after an in-flight update)."""
+
+    def __post_init__(self) -> None:
+        assert self.token_ids.shape == self.logprobs.shape, (self.token_ids.shape, self.logprobs.shape)
+        assert self.min_version <= self.max_version
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutGroup:
+    """The n rollouts of one prompt, sampled by one generation actor."""
+
+    prompt: Prompt
+    prompt_token_ids: np.ndarray
+    """int32 [P]: the chat-templated prompt as the policy saw it (image placeholder expanded)."""
+    rollouts: tuple[Rollout, ...]
+    actor_id: int
+    """Which generation actor produced the group."""
+    generate_seconds: float
+    """Wall time of the generate call that produced the group."""
+
+    @property
+    def policy_version(self) -> int:
+        """The oldest weights that produced any token of the group: staleness is measured from it."""
+        return min(r.min_version for r in self.rollouts)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return sum(len(r.token_ids) for r in self.rollouts)
+
+
+@dataclass(frozen=True, slots=True)
+class RewardBreakdown:
+    """The reward of one rollout, component by component (`judge/` computes it)."""
+
+    accuracy: float
+    """r_a in {0,1}: math-verify of the answer against the ground truth."""
+    format: float
+    """r_f in {0,1}: the full-match think/answer/boxed format rule."""
+    repetition: float
+    """r_p in [-2,0]: the 20-gram repetition penalty."""
+    visual: float
+    """r_v in [0,1]: the judge's perception score (0 when the prompt has no annotations)."""
+    total: float
+    """The scalar the learner trains on: w_a*r_a + w_f*r_f + w_p*r_p + w_v*r_v."""
+    overall: float
+    """The reference's `overall` metric: the total without the repetition term."""
+    verdicts: tuple[float, ...] = ()
+    """The judge's per-item scores s_1..s_K in the order of its tags (K may differ from m)."""
+    judge_failed: bool = False
+    """The judgement failed (unreachable, timed out, unparseable) and the fallback was used."""
+    judge_error: str = ""
+    """Why the judgement failed, for the metrics; empty when it succeeded."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredGroup:
+    """A rollout group with one reward breakdown per rollout."""
+
+    group: RolloutGroup
+    rewards: tuple[RewardBreakdown, ...]
+    judge_seconds: float
+    """Wall time spent scoring the group (rules and judge calls, concurrent)."""
+
+    def __post_init__(self) -> None:
+        assert len(self.rewards) == len(self.group.rollouts)
+
+    @property
+    def policy_version(self) -> int:
+        return self.group.policy_version
+
+    def totals(self) -> np.ndarray:
+        """float32 [n]: the scalar reward of each rollout."""
+        return np.asarray([r.total for r in self.rewards], dtype=np.float32)
+
+
+@dataclass(frozen=True, slots=True)
+class TrainBatch:
+    """The groups of one learner step, each with its staleness when the buffer released it."""
+
+    step: int
+    """The learner step this batch is for (== learner policy_version when taken)."""
+    groups: tuple[ScoredGroup, ...]
+    staleness: tuple[int, ...]
+    """learner_version - group.policy_version, per group; each <= max_staleness."""
+
+    def __post_init__(self) -> None:
+        assert len(self.groups) == len(self.staleness)
+
+
+@dataclass(frozen=True, slots=True)
+class WeightManifest:
+    """What a weight broadcast carries, in order: both ends bucket tensors from it identically."""
+
+    version: int
+    """The policy_version the weights will carry once applied."""
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+    """torch dtype names without the `torch.` prefix, e.g. `float32`, `bfloat16`."""
+    bucket_bytes: int
+    """Tensors are packed into flat buckets of at most this many bytes (one tensor may exceed it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationStats:
+    """What one generation actor did since it was last asked (reduced by the driver per step)."""
+
+    actor_id: int
+    num_groups: int
+    num_tokens: int
+    busy_seconds: float
+    version: int
+    num_weight_updates: int = 0
+    weight_apply_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LearnerStepRecord:
+    """What the learner reports after each optimizer step; the driver logs it."""
+
+    step: int
+    """The step just taken; the learner's policy_version is now step + 1."""
+    version: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Named scalars for this step (loss, grad_norm, lr, ratio stats, step and sync seconds, ...)."""
+    prompt_ids: tuple[str, ...] = ()
+    """Ids of the prompts trained in this step, in batch order (resume checks the order)."""
+    checkpoint_path: str = ""
+    """Set when the learner wrote a checkpoint at this step."""
+
+
+@dataclass(frozen=True, slots=True)
+class JudgeStats:
+    """Counters of one reward replica since it started (the driver differences them per step)."""
+
+    num_groups: int = 0
+    num_requests: int = 0
+    """Judge LLM requests sent (cache hits excluded)."""
+    num_cache_hits: int = 0
+    num_failures: int = 0
+    """Judgements that fell back (after retries): timeouts + errors + unparseable + breaker_open."""
+    num_timeouts: int = 0
+    num_errors: int = 0
+    num_unparseable: int = 0
+    num_breaker_rejections: int = 0
+    num_k_mismatch: int = 0
+    """Judgements whose tag count K differed from the number of annotations m."""
+    breaker_open: bool = False
+    latency_p50_s: float = 0.0
+    latency_p99_s: float = 0.0
