@@ -9,6 +9,7 @@ carries model output carries the `policy_version` of the weights that produced i
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +33,25 @@ class Prompt:
     """Visual annotations v_1..v_m: short sentences of what the image shows. Empty: no visual reward."""
     solution: str = ""
     """A worked solution in the method's format (SFT targets); empty when the dataset has none."""
+
+
+def render_annotations(items: tuple[str, ...] | list[str]) -> str:
+    """The reference's `visual_key_info` string: `<info1>a</info1>\n<info2>b</info2>` (spec §3.3, §8.5)."""
+    return "\n".join(f"<info{k}>{item}</info{k}>" for k, item in enumerate(items, start=1))
+
+
+def parse_annotations(text: str) -> tuple[str, ...]:
+    """Inverse of `render_annotations`: the items of a `visual_key_info` string, in tag order.
+
+    Reads <info1>, <info2>, ... and stops at the first missing number; text outside tags is ignored.
+    """
+    items = []
+    for k in range(1, 10_000):
+        m = re.search(rf"<info{k}>(.*?)</info{k}>", text, re.DOTALL)
+        if m is None:
+            break
+        items.append(m.group(1).strip())
+    return tuple(items)
 
 
 @dataclass(frozen=True, slots=True)
