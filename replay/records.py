@@ -88,6 +88,9 @@ class RolloutGroup:
     """Which generation actor produced the group."""
     generate_seconds: float
     """Wall time of the generate call that produced the group."""
+    seq: int = -1
+    """Position of this prompt in the training stream (epochs concatenated), set by the driver;
+    exactly-once accounting and resume use it (-1 outside training, e.g. evaluation)."""
 
     @property
     def policy_version(self) -> int:
@@ -194,8 +197,8 @@ class LearnerStepRecord:
     version: int
     metrics: dict[str, float] = field(default_factory=dict)
     """Named scalars for this step (loss, grad_norm, lr, ratio stats, step and sync seconds, ...)."""
-    prompt_ids: tuple[str, ...] = ()
-    """Ids of the prompts trained in this step, in batch order (resume checks the order)."""
+    seqs: tuple[int, ...] = ()
+    """Stream positions (`RolloutGroup.seq`) of the groups trained in this step, in batch order."""
     checkpoint_path: str = ""
     """Set when the learner wrote a checkpoint at this step."""
 

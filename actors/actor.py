@@ -1,0 +1,78 @@
+"""The generation actor: one engine behind a Ray actor, with two concurrency groups so a weight
+broadcast (`sync` group) is received while a generate call (`generate` group) runs; the new weights
+apply at the next safe point, the start of a generate call. Counts what it did for the driver.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Sequence
+
+import ray
+
+from actors.engine import Engine, Sampling, WeightGroupSpec
+from replay.records import GenerationStats, Prompt, RolloutGroup, WeightManifest
+
+CONCURRENCY_GROUPS = {"generate": 1, "sync": 1}
+
+
+@ray.remote(num_cpus=0, concurrency_groups=CONCURRENCY_GROUPS)
+class GenerationActor:
+    """Wraps an engine built in the actor's own process by `build_engine()` (a zero-arg callable)."""
+
+    def __init__(self, *, actor_id: int, build_engine, sampling: Sampling) -> None:
+        self.actor_id = actor_id
+        self.sampling = sampling
+        self.engine: Engine = build_engine()
+        self.lock = threading.Lock()
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
+        self.num_groups = self.num_tokens = self.num_updates = 0
+        self.busy_s = self.apply_s = 0.0
+
+    @ray.method(concurrency_group="generate")
+    def generate(self, prompts: Sequence[Prompt], sampling: Sampling | None = None) -> list[RolloutGroup]:
+        start = time.perf_counter()
+        if self.engine.apply_staged_weights():  # the safe point
+            self.num_updates += 1
+            self.apply_s += time.perf_counter() - start
+        sampling = sampling or self.sampling
+        call_seed = sampling.seed + 1_000_003 * self.actor_id + self.num_groups
+        sampling = Sampling(sampling.n, sampling.temperature, sampling.top_p, sampling.max_new_tokens, call_seed)
+        groups = self.engine.generate(prompts, sampling=sampling, actor_id=self.actor_id)
+        with self.lock:
+            self.num_groups += len(groups)
+            self.num_tokens += sum(g.num_completion_tokens for g in groups)
+            self.busy_s += time.perf_counter() - start
+        return groups
+
+    @ray.method(concurrency_group="sync")
+    def join_weight_group(self, spec: WeightGroupSpec) -> None:
+        self.engine.join_weight_group(spec)
+
+    @ray.method(concurrency_group="sync")
+    def receive_weights(self, manifest: WeightManifest) -> int:
+        self.engine.receive_weights(manifest)
+        return manifest.version
+
+    @ray.method(concurrency_group="sync")
+    def version(self) -> int:
+        return self.engine.version
+
+    @ray.method(concurrency_group="sync")
+    def pid(self) -> int:
+        return os.getpid()
+
+    @ray.method(concurrency_group="sync")
+    def stats(self) -> GenerationStats:
+        """Counters since the previous call (then reset)."""
+        with self.lock:
+            out = GenerationStats(
+                actor_id=self.actor_id, num_groups=self.num_groups, num_tokens=self.num_tokens,
+                busy_seconds=self.busy_s, version=self.engine.version, num_weight_updates=self.num_updates,
+                weight_apply_seconds=self.apply_s)
+            self._reset_counters()
+        return out

@@ -1,0 +1,211 @@
+"""The replay buffer: scored groups (as object refs) between the judge and the learner, bounded,
+staleness-gated, and the place where producers wait.
+
+Entry lifecycle (every group ends in exactly one of TAKEN or EVICTED, or is still BUFFERED):
+
+    reserve() ─> RESERVED ──put()──> BUFFERED ──take()──> TAKEN (trained once)
+                    │                   └─ learner moved on ─> EVICTED (stale, counted)
+                    └─ release() (generation failed, group dropped) ─> slot freed, counted
+
+Rules it enforces:
+- Staleness: a group leaves through take() only while
+  `learner_version - group.policy_version <= max_staleness`; one that can no longer satisfy it is
+  evicted and counted, never trained.
+- Reservation gate (who unblocks whom): a producer may start a group only while
+  `taken + buffered + reserved < (synced_version + max_staleness + 1) * groups_per_step`,
+  so every group it starts will still be fresh enough when its step comes; `max_staleness = 0`
+  makes the system exactly synchronous. publish_version() from the learner unblocks producers.
+- Bounds: buffered + reserved groups <= max_groups and buffered bytes <= max_bytes; reserve()
+  waits while full (back-pressure); take() unblocks it.
+- FIFO: take() releases the oldest admissible groups first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class EntryMeta:
+    """What the buffer knows of a group without fetching it."""
+
+    prompt_id: str
+    policy_version: int
+    nbytes: int
+
+
+@dataclass(slots=True)
+class _Entry:
+    ref: Any
+    meta: EntryMeta
+
+
+@dataclass(frozen=True, slots=True)
+class BufferStats:
+    depth: int
+    bytes: int
+    reserved: int
+    num_put: int
+    num_taken: int
+    num_evicted: int
+    num_released: int
+    learner_version: int
+    synced_version: int
+    taken_staleness: dict[int, int] = field(default_factory=dict)
+    """Histogram {staleness: groups} of every group taken so far."""
+
+
+class BufferCore:
+    """The buffer's bookkeeping, free of Ray and asyncio (property-tested on its own)."""
+
+    def __init__(self, *, max_staleness: int, groups_per_step: int, max_groups: int, max_bytes: int) -> None:
+        self.max_staleness, self.groups_per_step = max_staleness, groups_per_step
+        self.max_groups, self.max_bytes = max_groups, max_bytes
+        self.entries: deque[_Entry] = deque()
+        self.bytes = self.reserved = 0
+        self.num_put = self.num_taken = self.num_evicted = self.num_released = 0
+        self.learner_version = self.synced_version = 0
+        self.taken_staleness: Counter[int] = Counter()
+
+    def can_reserve(self, n: int) -> bool:
+        window = (self.synced_version + self.max_staleness + 1) * self.groups_per_step
+        fresh_enough = self.num_taken + len(self.entries) + self.reserved + n <= window
+        has_room = len(self.entries) + self.reserved + n <= self.max_groups and self.bytes < self.max_bytes
+        return fresh_enough and has_room
+
+    def reserve(self, n: int) -> None:
+        assert self.can_reserve(n)
+        self.reserved += n
+
+    def release(self, n: int) -> None:
+        assert 0 < n <= self.reserved, (n, self.reserved)
+        self.reserved -= n
+        self.num_released += n
+
+    def put(self, ref: Any, meta: EntryMeta) -> bool:
+        """Admit a reserved group; False (evicted, counted) if it is already too stale to train."""
+        assert self.reserved > 0, "put() without reserve()"
+        self.reserved -= 1
+        self.num_put += 1
+        if self.learner_version - meta.policy_version > self.max_staleness:
+            self.num_evicted += 1
+            return False
+        self.entries.append(_Entry(ref, meta))
+        self.bytes += meta.nbytes
+        return True
+
+    def publish_version(self, *, learner_version: int, synced_version: int) -> None:
+        assert learner_version >= self.learner_version and synced_version >= self.synced_version
+        self.learner_version, self.synced_version = learner_version, synced_version
+        self._evict_stale()
+
+    def can_take(self, k: int) -> bool:
+        self._evict_stale()
+        return len(self.entries) >= k
+
+    def take(self, k: int) -> list[tuple[Any, EntryMeta, int]]:
+        """The k oldest groups with their staleness; each leaves the buffer for good."""
+        assert self.can_take(k)
+        out = []
+        for _ in range(k):
+            entry = self.entries.popleft()
+            self.bytes -= entry.meta.nbytes
+            staleness = self.learner_version - entry.meta.policy_version
+            assert 0 <= staleness <= self.max_staleness, staleness
+            self.taken_staleness[staleness] += 1
+            out.append((entry.ref, entry.meta, staleness))
+        self.num_taken += k
+        return out
+
+    def _evict_stale(self) -> None:
+        keep = deque(e for e in self.entries if self.learner_version - e.meta.policy_version <= self.max_staleness)
+        self.num_evicted += len(self.entries) - len(keep)
+        self.bytes = sum(e.meta.nbytes for e in keep)
+        self.entries = keep
+
+    def stats(self) -> BufferStats:
+        return BufferStats(
+            depth=len(self.entries), bytes=self.bytes, reserved=self.reserved, num_put=self.num_put,
+            num_taken=self.num_taken, num_evicted=self.num_evicted, num_released=self.num_released,
+            learner_version=self.learner_version, synced_version=self.synced_version,
+            taken_staleness=dict(self.taken_staleness))
+
+
+class ReplayBuffer:
+    """The buffer as an asyncio Ray actor: the driver wraps it with `ray.remote(num_cpus=0)`.
+
+    Groups arrive as object refs inside a list (so Ray does not resolve them); the learner receives
+    the refs from take() and fetches the groups itself, so group data never passes through here.
+    """
+
+    def __init__(self, *, max_staleness: int, groups_per_step: int, max_groups: int, max_bytes: int) -> None:
+        self.core = BufferCore(max_staleness=max_staleness, groups_per_step=groups_per_step,
+                               max_groups=max_groups, max_bytes=max_bytes)
+        self.changed = asyncio.Condition()
+        self.closed = False
+
+    async def reserve(self, n: int = 1) -> bool:
+        """Wait for room for n groups; False once the buffer is closed."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.closed or self.core.can_reserve(n))
+            if self.closed:
+                return False
+            self.core.reserve(n)
+            return True
+
+    async def release(self, n: int = 1) -> None:
+        async with self.changed:
+            self.core.release(n)
+            self.changed.notify_all()
+
+    async def put(self, refs: list, meta: EntryMeta) -> bool:
+        (ref,) = refs
+        async with self.changed:
+            admitted = self.core.put(ref, meta)
+            self.changed.notify_all()
+            return admitted
+
+    async def take(self, k: int) -> list[tuple[list, EntryMeta, int]] | None:
+        """Wait for k admissible groups: [([ref], meta, staleness)]; None once closed."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.closed or self.core.can_take(k))
+            if self.closed:
+                return None
+            taken = self.core.take(k)
+            self.changed.notify_all()
+            return [([ref], meta, staleness) for ref, meta, staleness in taken]
+
+    async def publish_version(self, learner_version: int, synced_version: int) -> None:
+        async with self.changed:
+            self.core.publish_version(learner_version=learner_version, synced_version=synced_version)
+            self.changed.notify_all()
+
+    async def close(self) -> None:
+        async with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+    def stats(self) -> BufferStats:
+        return self.core.stats()
+
+    def buffered_refs(self) -> list[tuple[list, EntryMeta]]:
+        """Everything still buffered (for a checkpoint's snapshot), oldest first."""
+        return [([e.ref], e.meta) for e in self.core.entries]
+
+
+def entry_meta(scored: Any) -> EntryMeta:
+    """Metadata of a ScoredGroup, with its size estimated from its arrays, image and texts."""
+    group = scored.group
+    nbytes = len(group.prompt.image) + group.prompt_token_ids.nbytes
+    nbytes += sum(r.token_ids.nbytes + r.logprobs.nbytes + len(r.text) for r in group.rollouts)
+    return EntryMeta(prompt_id=group.prompt.id, policy_version=group.policy_version, nbytes=nbytes)
+
+
+def stats_dict(stats: BufferStats) -> dict[str, float]:
+    flat = dataclasses.asdict(stats)
+    flat.pop("taken_staleness")
+    return {f"buffer/{k}": float(v) for k, v in flat.items()}
