@@ -12,8 +12,8 @@ from typing import Sequence
 
 import ray
 
-from actors.engine import Engine, Sampling, WeightGroupSpec
-from replay.records import GenerationStats, Prompt, RolloutGroup, WeightManifest
+from actors.engine import Engine, Sampling
+from replay.records import GenerationStats, Prompt, RolloutGroup, WeightGroupSpec, WeightManifest
 
 CONCURRENCY_GROUPS = {"generate": 1, "sync": 1}
 

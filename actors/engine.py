@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from replay.records import Prompt, RolloutGroup, WeightManifest
+from replay.records import Prompt, RolloutGroup, WeightGroupSpec, WeightManifest
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,18 +24,6 @@ class Sampling:
     top_p: float
     max_new_tokens: int
     seed: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class WeightGroupSpec:
-    """Where and how to join the learner's broadcast group."""
-
-    host: str
-    port: int
-    rank: int
-    world_size: int
-    backend: str
-    timeout_s: float
 
 
 class Engine(Protocol):

@@ -176,6 +176,20 @@ class WeightManifest:
 
 
 @dataclass(frozen=True, slots=True)
+class WeightGroupSpec:
+    """Where and how a generation actor joins the learner's weight broadcast group."""
+
+    host: str
+    port: int
+    rank: int
+    """1..N for actors (the learner is rank 0)."""
+    world_size: int
+    backend: str
+    """`gloo` or `nccl`."""
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationStats:
     """What one generation actor did since it was last asked (reduced by the driver per step)."""
 

@@ -1,0 +1,190 @@
+"""One GRPO update from scored groups: advantages, micro-batched forward/backward with the configured
+loss, gradient clipping, a skipped step on a non-finite gradient norm, the LR schedule. Runs on
+every FSDP rank over that rank's share of the groups; ranks agree on the loss normalizer and on
+the number of forward passes (FSDP's collectives need every rank in every pass).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from learner.grpo import group_advantages, loss_normalizer, policy_loss, token_logprobs, entropy_from_logits
+from learner.policy import Sequence, completion_logits, load_policy, micro_batches, pack
+from learner.schedule import warmup_scheduler
+from perception_r1 import vl
+from perception_r1.config import DataConfig, LearnerConfig
+from replay.records import ScoredGroup
+
+
+class Learner:
+    def __init__(self, model_path: str, *, cfg: LearnerConfig, data: DataConfig, temperature: float,
+                 device: torch.device) -> None:
+        self.cfg, self.data, self.temperature, self.device = cfg, data, temperature, device
+        self.model = load_policy(model_path, cfg=cfg, device=device)
+        self.ref_model = _frozen(load_policy(model_path, cfg=cfg, device=device)) if cfg.loss.kl_coef > 0 else None
+        self.processor = vl.load_processor(model_path)
+        tokenizer = self.processor.tokenizer
+        self.pad_id = tokenizer.pad_token_id
+        self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        opt = cfg.optimizer
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=opt.lr, betas=opt.betas, eps=opt.eps,
+            weight_decay=opt.weight_decay, fused=device.type == "cuda")
+        self.scheduler = warmup_scheduler(self.optimizer, warmup_steps=opt.warmup_steps)
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+
+    # ------------------------------------------------------------------------------------ the step
+    def step(self, groups: list[ScoredGroup]) -> dict[str, float]:
+        """One optimizer update per minibatch over this rank's groups; returns this rank's metrics."""
+        start = time.perf_counter()
+        seqs = self.sequences(groups)
+        normalizer = self._global_normalizer(seqs)
+        minibatches = np.array_split(np.arange(len(seqs)), self.cfg.num_minibatches)
+        old = self.logprobs(seqs) if self.cfg.num_minibatches > 1 else None
+        totals: dict[str, float] = defaultdict(float)
+        for idx in minibatches:
+            mb = [seqs[i] for i in idx]
+            mb_old = None if old is None else [old[i] for i in idx]
+            self._update(mb, mb_old, normalizer=normalizer / self.cfg.num_minibatches, totals=totals)
+        metrics = _finish(totals)
+        metrics["learner/step_seconds"] = time.perf_counter() - start
+        return metrics
+
+    def sequences(self, groups: list[ScoredGroup]) -> list[Sequence]:
+        """Rollouts with their group-normalised advantages and re-encoded images."""
+        seqs = []
+        for scored in groups:
+            adv = group_advantages(torch.from_numpy(scored.totals())[None], eps=self.cfg.loss.std_eps,
+                                   unbiased=self.cfg.loss.unbiased_std, normalize_std=self.cfg.loss.normalize_std)[0]
+            inputs = vl.encode_prompt(self.processor, scored.group.prompt, data=self.data)
+            prompt_ids = torch.from_numpy(scored.group.prompt_token_ids.astype(np.int64))
+            if not torch.equal(inputs.input_ids.cpu(), prompt_ids):
+                raise RuntimeError(
+                    f"prompt {scored.group.prompt.id}: the learner's encoding differs from the generation "
+                    "actor's; both must load the same processor and data settings")
+            for rollout, a in zip(scored.group.rollouts, adv.tolist()):
+                seqs.append(Sequence(
+                    prompt_ids=prompt_ids, completion_ids=torch.from_numpy(rollout.token_ids.astype(np.int64)),
+                    pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw,
+                    behaviour_logprobs=torch.from_numpy(rollout.logprobs.astype(np.float32)), advantage=a))
+        return seqs
+
+    @torch.no_grad()
+    def logprobs(self, seqs: list[Sequence]) -> list[torch.Tensor]:
+        """Per-sequence logprobs under the current weights (the proximal policy), no gradient."""
+        out = []
+        for micro in self._padded_micro_batches(seqs):
+            batch = pack(micro or seqs[:1], pad_id=self.pad_id, image_token_id=self.image_token_id, device=self.device)
+            logp = token_logprobs(completion_logits(self.model, batch), batch.completion_ids,
+                                  temperature=self.temperature)
+            out.extend(logp[b, : len(s.completion_ids)].float().cpu() for b, s in enumerate(micro))
+        return out
+
+    def _update(self, seqs: list[Sequence], old: list[torch.Tensor] | None, *, normalizer: float,
+                totals: dict[str, float]) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        offset = 0
+        for micro in self._padded_micro_batches(seqs):
+            dummy = not micro  # this rank has fewer passes than another: run one with zero weight
+            micro_old = None if old is None or dummy else old[offset: offset + len(micro)]
+            offset += len(micro)
+            loss, stats = self._micro_loss(micro or seqs[:1], micro_old, normalizer=normalizer)
+            (loss * (0.0 if dummy else self.world)).backward()  # FSDP averages gradients over ranks
+            if not dummy:
+                _accumulate(totals, loss.item(), stats)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optimizer.grad_clip)
+                          .full_tensor() if self.world > 1 else torch.nn.utils.clip_grad_norm_(
+                              self.model.parameters(), self.cfg.optimizer.grad_clip))
+        totals["learner/lr"] = self.scheduler.get_last_lr()[0]
+        totals["learner/grad_norm"] = grad_norm
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        else:  # the reference skips the update on a non-finite gradient norm
+            totals["learner/skipped_updates"] += 1
+        self.scheduler.step()
+
+    def _micro_loss(self, micro: list[Sequence], old: list[torch.Tensor] | None, *, normalizer: float):
+        batch = pack(micro, pad_id=self.pad_id, image_token_id=self.image_token_id, device=self.device)
+        logits = completion_logits(self.model, batch)
+        logp = token_logprobs(logits, batch.completion_ids, temperature=self.temperature)
+        old_logp = logp.detach() if old is None else _pad_rows(old, logp.shape).to(self.device)
+        loss_cfg = self.cfg.loss
+        entropy = entropy_from_logits(logits.detach() if loss_cfg.entropy_coef == 0 else logits,
+                                      temperature=self.temperature)
+        ref = None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref = token_logprobs(completion_logits(self.ref_model, batch), batch.completion_ids,
+                                     temperature=self.temperature)
+        return policy_loss(logp, old_logp=old_logp, advantages=batch.advantages, mask=batch.completion_mask,
+                           cfg=loss_cfg, normalizer=normalizer, behaviour_logp=batch.behaviour_logprobs,
+                           ref_logp=ref, entropy=entropy)
+
+    def _padded_micro_batches(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """Micro-batches, padded with empty ones so every rank runs the same number of passes."""
+        micro = micro_batches(seqs, max_tokens=self.cfg.max_tokens_per_micro_batch) if seqs else []
+        count = _all_reduce(float(len(micro)), op=dist.ReduceOp.MAX) if self.world > 1 else len(micro)
+        return micro + [[] for _ in range(int(count) - len(micro))]
+
+    def _global_normalizer(self, seqs: list[Sequence]) -> float:
+        agg = self.cfg.loss.aggregation
+        local = sum(loss_normalizer(torch.ones(1, len(s.completion_ids)), aggregation=agg) for s in seqs)
+        return _all_reduce(local, op=dist.ReduceOp.SUM) if self.world > 1 else local
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+
+def _all_reduce(value: float, *, op) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=op)
+    return float(t.item())
+
+
+def _pad_rows(rows: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    out = torch.zeros(shape, dtype=torch.float32)
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = row
+    return out
+
+
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _accumulate(totals: dict[str, float], loss: float, stats: dict[str, torch.Tensor]) -> None:
+    """Token-weighted sums of the micro-batch stats (means are restored in `_finish`)."""
+    n = float(stats["num_tokens"])
+    totals["learner/loss"] += loss
+    totals["learner/num_tokens"] += n
+    for key, value in stats.items():
+        v = float(value)
+        if key.endswith("_min"):
+            totals[f"learner/{key}"] = min(totals.get(f"learner/{key}", math.inf), v)
+        elif key.endswith("_max"):
+            totals[f"learner/{key}"] = max(totals.get(f"learner/{key}", -math.inf), v)
+        elif key.startswith("num_"):
+            if key != "num_tokens":
+                totals[f"learner/{key}"] += v
+        else:
+            totals[f"learner/{key}:wsum"] += v * n
+
+
+def _finish(totals: dict[str, float]) -> dict[str, float]:
+    n = max(totals.get("learner/num_tokens", 0.0), 1.0)
+    out = {}
+    for key, value in totals.items():
+        if key.endswith(":wsum"):
+            out[key.removesuffix(":wsum")] = value / n
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,150 @@
+"""The learner loop, run by every Ray Train worker (an FSDP rank):
+
+    restore (newest complete checkpoint, if any) ─> broadcast weights to the actors, publish version
+    loop:  rank 0 takes a TrainBatch from the buffer (waits for admissible groups) and scatters it
+           every rank: one GRPO update on its share                 policy_version += 1
+           every `sync.interval_steps`: gather + broadcast weights   actors stage them
+           rank 0: publish the version to the buffer (unblocks producers), report the step record
+           every `checkpoint.every_steps`: sharded checkpoint into step_<N>.tmp (the driver completes it)
+    until num_steps, or until the buffer closes (the driver is stopping: checkpoint, then return).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+import torch.distributed as dist
+
+from learner.checkpoint import load_learner, save_learner
+from learner.sync import WeightBroadcaster
+from learner.trainer import Learner
+from perception_r1.config import Config
+from replay.metrics import reward_metrics
+from replay.records import LearnerStepRecord, ScoredGroup
+
+
+@dataclass
+class LearnerWiring:
+    """Handles and paths the driver passes to every worker (through `train_loop_config`)."""
+
+    config: dict
+    model_path: str
+    buffer: Any
+    actors: list
+    reports: Any
+    """A `ray.util.queue.Queue` the driver reads LearnerStepRecords from."""
+    checkpoint_root: str
+    resume_from: str | None = None
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    wiring: LearnerWiring = loop_config["wiring"]
+    cfg = Config.model_validate(wiring.config)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = _device(cfg)
+    torch.manual_seed(cfg.run.seed + rank)
+    learner = Learner(wiring.model_path, cfg=cfg.learner, data=cfg.data, temperature=cfg.rollout.temperature,
+                      device=device)
+    version = _restore(learner, wiring.resume_from)
+    sync = WeightBroadcaster(
+        receivers=wiring.actors, rank=rank, backend=_backend(cfg, device), timeout_s=cfg.sync.timeout_s,
+        bucket_bytes=cfg.sync.bucket_mb << 20, dtype=getattr(torch, cfg.learner.dtype), device=device)
+    connect_s = sync.connect()
+    sync_s, _ = sync.broadcast(learner.model, version=version)
+    if rank == 0:
+        ray.get(wiring.buffer.publish_version.remote(version, version))
+        print(f"learner: version {version}, weight group formed in {connect_s:.1f}s, first sync {sync_s:.2f}s",
+              flush=True)
+    _loop(cfg, wiring, learner, sync, rank=rank, version=version)
+
+
+def _loop(cfg: Config, wiring: LearnerWiring, learner: Learner, sync: WeightBroadcaster, *, rank: int,
+          version: int) -> None:
+    synced = version
+    while version < cfg.run.num_steps:
+        wait_start = time.perf_counter()
+        batch = _take(wiring.buffer, cfg.learner.prompts_per_step, rank=rank)
+        if batch is None:  # the driver is stopping the run
+            break
+        groups, staleness = batch
+        wait_s = time.perf_counter() - wait_start
+        metrics = learner.step(groups)
+        step, version = version, version + 1
+        sync_s = sync_bytes = 0
+        if version % cfg.sync.interval_steps == 0 or version == cfg.run.num_steps:
+            sync_s, sync_bytes = sync.broadcast(learner.model, version=version)
+            synced = version
+        ckpt = _maybe_checkpoint(cfg, wiring, learner, version=version)
+        if rank == 0:
+            ray.get(wiring.buffer.publish_version.remote(version, synced))
+            metrics.update(reward_metrics(groups, staleness=staleness))
+            metrics.update({"learner/wait_seconds": wait_s, "sync/seconds": sync_s,
+                            "sync/gbytes_per_s": sync_bytes / max(sync_s, 1e-9) / 1e9 if sync_bytes else 0.0})
+            wiring.reports.put(LearnerStepRecord(step=step, version=version, metrics=metrics,
+                                                 seqs=tuple(g.group.seq for g in groups), checkpoint_path=ckpt))
+    if version < cfg.run.num_steps or cfg.checkpoint.every_steps == 0 or version % cfg.checkpoint.every_steps:
+        ckpt = _checkpoint(wiring, learner, version=version)  # at shutdown
+        if rank == 0:
+            wiring.reports.put(LearnerStepRecord(step=version - 1, version=version, checkpoint_path=ckpt,
+                                                 metrics={"learner/final": 1.0}))
+
+
+def _take(buffer, k: int, *, rank: int) -> tuple[list[ScoredGroup], list[int]] | None:
+    """Rank 0 takes k groups and scatters them round-robin; returns (this rank's groups, all staleness)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    shares: list = [None] * world
+    if rank == 0:
+        taken = ray.get(buffer.take.remote(k))
+        if taken is not None:
+            groups = ray.get([refs[0] for refs, _, _ in taken])
+            staleness = [s for _, _, s in taken]
+            shares = [(groups[r::world], staleness) for r in range(world)]
+    if world == 1:
+        return shares[0]
+    received: list = [None]
+    dist.scatter_object_list(received, shares if rank == 0 else None, src=0)
+    return received[0]
+
+
+def _maybe_checkpoint(cfg: Config, wiring: LearnerWiring, learner: Learner, *, version: int) -> str:
+    every = cfg.checkpoint.every_steps
+    if every and version % every == 0:
+        return _checkpoint(wiring, learner, version=version)
+    return ""
+
+
+def _checkpoint(wiring: LearnerWiring, learner: Learner, *, version: int) -> str:
+    path = Path(wiring.checkpoint_root) / f"step_{version:06d}.tmp"
+    path.mkdir(parents=True, exist_ok=True)
+    save_learner(path, model=learner.model, optimizer=learner.optimizer, scheduler=learner.scheduler,
+                 version=version)
+    if dist.is_initialized():
+        dist.barrier()
+    return str(path)
+
+
+def _restore(learner: Learner, resume_from: str | None) -> int:
+    if not resume_from:
+        return 0
+    return load_learner(Path(resume_from), model=learner.model, optimizer=learner.optimizer,
+                        scheduler=learner.scheduler)
+
+
+def _device(cfg: Config) -> torch.device:
+    if cfg.learner.num_gpus_per_worker:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local if torch.cuda.device_count() > 1 else 0)
+    torch.set_num_threads(cfg.learner.num_threads)
+    return torch.device("cpu")
+
+
+def _backend(cfg: Config, device: torch.device) -> str:
+    if cfg.sync.backend != "auto":
+        return cfg.sync.backend
+    return "nccl" if device.type == "cuda" else "gloo"
