@@ -1,0 +1,69 @@
+"""Stage 2, accuracy filter: keep a problem if one of its distilled solutions math-verifies
+against the ground truth under the reward's accuracy rule (spec §3.2, §8.12), and keep that
+solution (the first correct one in the method's format, else the first correct one).
+
+Pure CPU and deterministic, so it is recomputed from distill.jsonl on every run (seconds for
+Geometry3K) and written whole to filter.jsonl. It runs in the main thread, where math-verify's
+signal-based timeouts work.
+
+NOTE: `accuracy` follows spec §3.2 directly with math-verify. When the judge role's
+`judge.rules.accuracy_reward` lands, this should call it instead so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from dataprep.distill import DistillRecord
+from replay.records import Prompt
+
+PROGRESS_FILE = "filter.jsonl"
+_ANSWER = re.compile(r"<answer>(.*?)</answer>")  # no DOTALL, as upstream (spec §3.2, §8.2)
+_FORMAT = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\\boxed{.+?}.*?\n</answer>$", re.DOTALL)
+
+
+@dataclass(frozen=True, slots=True)
+class FilterRecord:
+    """The filter's verdict on one problem (a line of filter.jsonl)."""
+
+    id: str
+    kept: bool
+    reason: str
+    """Why it was dropped: `no_correct_sample`, `distill_error` or `not_distilled`; empty if kept."""
+    solution: str
+    """The kept solution (empty if dropped)."""
+    num_correct: int
+    num_samples: int
+
+
+def accuracy(response: str, ground_truth: str) -> float:
+    """r_a of spec §3.2: 1.0 iff math-verify accepts the answer; any exception gives 0."""
+    from math_verify import parse, verify
+
+    m = _ANSWER.search(response)
+    given = m.group(1).strip() if m else response.strip()
+    try:
+        return float(verify(parse(ground_truth.strip()), parse(given)))
+    except Exception:  # the spec's rule: a parse or verify failure scores 0
+        return 0.0
+
+
+def well_formatted(response: str) -> bool:
+    """r_f of spec §3.1 as a bool (used only to prefer well-formed solutions)."""
+    return _FORMAT.fullmatch(response) is not None
+
+
+def filter_one(prompt: Prompt, record: DistillRecord | None) -> FilterRecord:
+    if record is None or record.status != "ok":
+        reason = "not_distilled" if record is None else "distill_error"
+        return FilterRecord(prompt.id, False, reason, "", 0, 0 if record is None else len(record.samples))
+    correct = [s for s in record.samples if accuracy(s, prompt.answer) == 1.0]
+    if not correct:
+        return FilterRecord(prompt.id, False, "no_correct_sample", "", 0, len(record.samples))
+    solution = next((s for s in correct if well_formatted(s)), correct[0])
+    return FilterRecord(prompt.id, True, "", solution, len(correct), len(record.samples))
+
+
+def filter_all(prompts: list[Prompt], distilled: dict[str, DistillRecord]) -> list[FilterRecord]:
+    return [filter_one(p, distilled.get(p.id)) for p in prompts]

@@ -1,0 +1,333 @@
+"""Datasets on disk into `Prompt` records: the one reader behind `data.dataset.type: file` and
+`prepare-data --input`.
+
+Formats, detected from the path:
+- **parquet** (`.parquet`): the reference's released training file (`problem` with `<image>`,
+  `answer`, `images` = list of one HF Image `{bytes, path}` / raw bytes / a path, optional
+  `visual_key_info`), the common Geometry3K parquet (`hiyouga/geometry3k`: `images`, `problem`,
+  `answer`), and what `prepare-data` writes (the same columns plus `id`, `annotations`, `solution`).
+- **JSONL** (`.jsonl`): one object per line with the same keys; `images` (or `image`) holds paths
+  relative to the file, or `{path}` dicts.
+- **a `prepare-data` output folder**: the `dataset.parquet` or `dataset.jsonl` inside it.
+- **Geometry3K as published** (lupantech/InterGPS, `data/geometry3k/{train,val,test}/<pid>/`):
+  a split folder whose sub-folders each hold `data.json` (`problem_text`, `choices`, `answer` as
+  a letter A-D) and `img_diagram.png`. The prompt is `<image>` + problem_text (as in the parquet
+  form); the answer is the text of the chosen choice. Point the path at one split folder.
+
+Annotations come from `visual_key_info` (a tagged string, or a list, spec §8.5) or else from an
+`annotations` list; a non-empty `visual_key_info` without `<info1>` tags is kept as one annotation,
+as the reference's judge would read it whole. The solution comes from a `solution` or `cot` column.
+
+Bad rows (missing or unreadable image, empty answer, non-UTF-8 text, no single `<image>`) raise a
+ValueError naming the file, row and fix under `on_bad_row="raise"`, or are skipped and counted
+under `on_bad_row="skip"`. Malformed files, missing columns and duplicate ids always raise, and so
+does a file that yields no prompt. Nothing is unpickled: parquet is read through pyarrow, JSON by
+the json module.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from replay.records import Prompt, parse_annotations
+
+log = logging.getLogger(__name__)
+
+BadRowPolicy = Literal["skip", "raise"]
+IMAGE_PLACEHOLDER = "<image>"
+OUTPUT_NAMES = ("dataset.parquet", "dataset.jsonl")
+"""The dataset file names `prepare-data` writes into its output folder."""
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedRow:
+    """A row that did not become a prompt, and why."""
+
+    row: int
+    """0-based position in the file (line number - 1 for JSONL, folder order for Geometry3K)."""
+    id: str
+    reason: str
+    """Short slug: missing_image, undecodable_image, missing_answer, missing_problem, not_utf8,
+    bad_placeholder, multiple_images, invalid_json."""
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    prompts: list[Prompt]
+    skipped: list[SkippedRow]
+    source_format: str
+    """`parquet`, `jsonl` or `geometry3k`."""
+
+    def skip_counts(self) -> dict[str, int]:
+        return dict(Counter(s.reason for s in self.skipped))
+
+
+class _BadRow(Exception):
+    def __init__(self, reason: str, detail: str, fix: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail, self.fix = reason, detail, fix
+
+
+def load_prompts(path: str | Path, *, on_bad_row: BadRowPolicy = "skip") -> list[Prompt]:
+    """The prompts of a dataset file or folder (see the module docstring); skips are logged."""
+    result = read_prompts(path, on_bad_row=on_bad_row)
+    if result.skipped:
+        first = "; ".join(f"row {s.row} ({s.id}): {s.reason}" for s in result.skipped[:5])
+        log.warning("%s: skipped %d bad rows %s, e.g. %s", path, len(result.skipped), result.skip_counts(), first)
+    return result.prompts
+
+
+def read_prompts(path: str | Path, *, on_bad_row: BadRowPolicy = "skip") -> LoadResult:
+    """The prompts of a dataset and the rows skipped, with reasons."""
+    if on_bad_row not in ("skip", "raise"):
+        raise ValueError(f"on_bad_row={on_bad_row!r}: use 'skip' or 'raise'")
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"dataset {path} does not exist; check data.dataset.path / --input")
+    source, fmt = _resolve(path)
+    prompts: list[Prompt] = []
+    skipped: list[SkippedRow] = []
+    seen: dict[str, int] = {}
+    for row, row_id, build in _rows(source, fmt):
+        try:
+            prompt = build(len(prompts))
+        except _BadRow as bad:
+            if on_bad_row == "raise":
+                raise ValueError(
+                    f"{source}: row {row} ({row_id}): {bad.detail}; {bad.fix}, or load with on_bad_row='skip'"
+                ) from None
+            skipped.append(SkippedRow(row, row_id, bad.reason, bad.detail))
+            continue
+        if prompt.id in seen:
+            raise ValueError(f"{source}: rows {seen[prompt.id]} and {row} share the id {prompt.id!r}; make ids unique")
+        seen[prompt.id] = row
+        prompts.append(prompt)
+    if not prompts:
+        counts = dict(Counter(s.reason for s in skipped))
+        raise ValueError(f"{source}: no usable rows ({len(skipped)} skipped: {counts}); check the file's format")
+    return LoadResult(prompts, skipped, fmt)
+
+
+# ------------------------------------------------------------------------------- format detection
+def _resolve(path: Path) -> tuple[Path, str]:
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in (".parquet", ".jsonl"):
+            return path, suffix[1:]
+        raise ValueError(f"{path}: unknown dataset format {suffix!r}; use a .parquet or .jsonl file or a Geometry3K split folder")
+    for name in OUTPUT_NAMES:
+        if (path / name).is_file():
+            return path / name, name.split(".")[1]
+    if any((d / "data.json").is_file() for d in path.iterdir() if d.is_dir()):
+        return path, "geometry3k"
+    splits = [d.name for d in path.iterdir() if d.is_dir() and any((s / "data.json").is_file() for s in d.iterdir() if s.is_dir())]
+    if splits:
+        raise ValueError(f"{path} holds the Geometry3K splits {sorted(splits)}; point the path at one of them, e.g. {path / sorted(splits)[0]}")
+    raise ValueError(f"{path}: no dataset found (no {' or '.join(OUTPUT_NAMES)}, no Geometry3K problem folders with data.json)")
+
+
+def _rows(source: Path, fmt: str) -> Iterator[tuple[int, str, Any]]:
+    """(row, id, build) per row; build(index) makes the Prompt or raises _BadRow."""
+    if fmt == "parquet":
+        yield from _parquet_rows(source)
+    elif fmt == "jsonl":
+        yield from _jsonl_rows(source)
+    else:
+        yield from _geometry3k_rows(source)
+
+
+def _parquet_rows(source: Path) -> Iterator[tuple[int, str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        file = pq.ParquetFile(source)
+    except Exception as e:  # pyarrow raises several types for a non-parquet file
+        raise ValueError(f"{source}: not a readable parquet file ({e}); re-export it") from None
+    columns = set(file.schema_arrow.names)
+    missing = {"problem", "answer", "images"} - columns
+    if missing:
+        raise ValueError(f"{source}: missing columns {sorted(missing)} (has {sorted(columns)}); see spec §5 for the layout")
+    row = 0
+    for batch in file.iter_batches(batch_size=64):
+        for record in batch.to_pylist():
+            row_id = _row_id(record, source, row)
+            yield row, row_id, _builder(record, row_id, source.parent)
+            row += 1
+
+
+def _jsonl_rows(source: Path) -> Iterator[tuple[int, str, Any]]:
+    with open(source, "rb") as f:
+        for row, raw in enumerate(f):
+            if not raw.strip():
+                continue
+            fallback_id = f"{source.stem}-{row:05d}"
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                yield row, fallback_id, _raiser("not_utf8", f"line is not UTF-8 ({e.reason} at byte {e.start})", "re-encode the file as UTF-8")
+                continue
+            except json.JSONDecodeError as e:
+                yield row, fallback_id, _raiser("invalid_json", f"line is not JSON ({e.msg})", "fix or remove the line")
+                continue
+            if not isinstance(record, dict):
+                yield row, fallback_id, _raiser("invalid_json", "line is not a JSON object", "write one object per line")
+                continue
+            row_id = _row_id(record, source, row)
+            yield row, row_id, _builder(record, row_id, source.parent)
+
+
+def _geometry3k_rows(split: Path) -> Iterator[tuple[int, str, Any]]:
+    folders = [d for d in split.iterdir() if d.is_dir() and (d / "data.json").is_file()]
+    folders.sort(key=lambda d: (0, int(d.name), "") if d.name.isdigit() else (1, 0, d.name))
+    for row, folder in enumerate(folders):
+        row_id = f"geo3k-{int(folder.name):05d}" if folder.name.isdigit() else f"geo3k-{folder.name}"
+        yield row, row_id, _geometry3k_builder(folder, row_id)
+
+
+# ---------------------------------------------------------------------------------- rows -> Prompt
+def _row_id(record: dict, source: Path, row: int) -> str:
+    value = record.get("id")
+    if value is None or str(value).strip() == "":
+        return f"{source.stem}-{row:05d}"
+    return value.strip() if isinstance(value, str) else str(value)
+
+
+def _raiser(reason: str, detail: str, fix: str) -> Any:
+    def build(index: int) -> Prompt:
+        raise _BadRow(reason, detail, fix)
+
+    return build
+
+
+def _builder(record: dict, row_id: str, base: Path) -> Any:
+    def build(index: int) -> Prompt:
+        problem = _text(record.get("problem"), "problem")
+        answer = _text(record.get("answer"), "answer")
+        if not problem.strip():
+            raise _BadRow("missing_problem", "empty problem", "give every row a problem with <image>")
+        if not answer.strip():
+            raise _BadRow("missing_answer", "empty answer", "give every row its ground-truth answer")
+        _check_placeholder(problem)
+        images = record.get("images", record.get("image"))
+        image = normalize_image(_image_bytes(images, base))
+        return Prompt(
+            id=row_id,
+            index=index,
+            problem=problem,
+            answer=answer,
+            image=image,
+            annotations=_annotations(record),
+            solution=_text(record.get("solution", record.get("cot")), "solution"),
+        )
+
+    return build
+
+
+def _geometry3k_builder(folder: Path, row_id: str) -> Any:
+    def build(index: int) -> Prompt:
+        try:
+            data = json.loads((folder / "data.json").read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise _BadRow("not_utf8", "data.json is not UTF-8", "re-encode it as UTF-8") from None
+        except json.JSONDecodeError as e:
+            raise _BadRow("invalid_json", f"data.json is not JSON ({e.msg})", "restore the file") from None
+        text = _text(data.get("problem_text"), "problem_text").strip()
+        if not text:
+            raise _BadRow("missing_problem", "data.json has no problem_text", "restore the file")
+        answer = _choice_answer(data)
+        image_path = folder / "img_diagram.png"
+        if not image_path.is_file():
+            raise _BadRow("missing_image", f"{image_path.name} is missing", "restore the diagram")
+        image = normalize_image(image_path.read_bytes())
+        return Prompt(id=row_id, index=index, problem=IMAGE_PLACEHOLDER + text, answer=answer, image=image)
+
+    return build
+
+
+def _choice_answer(data: dict) -> str:
+    """The text of the correct choice: Geometry3K stores the answer as a letter A-D into `choices`."""
+    letter, choices = str(data.get("answer") or "").strip(), data.get("choices")
+    if len(letter) != 1 or not isinstance(choices, list) or not 0 <= ord(letter.upper()) - 65 < len(choices):
+        raise _BadRow("missing_answer", f"answer {letter!r} does not index choices {choices!r}", "restore data.json")
+    answer = _text(choices[ord(letter.upper()) - 65], "choice").strip()
+    if not answer:
+        raise _BadRow("missing_answer", f"choice {letter} is empty", "restore data.json")
+    return answer
+
+
+def _text(value: Any, name: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _BadRow("not_utf8", f"{name} is not UTF-8 ({e.reason} at byte {e.start})", "re-encode the text as UTF-8") from None
+    if isinstance(value, float) and value != value:  # NaN from a pandas export
+        return ""
+    return value if isinstance(value, str) else str(value)
+
+
+def _check_placeholder(problem: str) -> None:
+    count = problem.count(IMAGE_PLACEHOLDER)
+    if count != 1:
+        raise _BadRow("bad_placeholder", f"problem has {count} {IMAGE_PLACEHOLDER} placeholders", "put exactly one <image> where the image goes")
+
+
+def _annotations(record: dict) -> tuple[str, ...]:
+    info = record.get("visual_key_info")
+    if isinstance(info, (bytes, str)):
+        text = _text(info, "visual_key_info")
+        items = parse_annotations(text)
+        return items if items or not text.strip() else (text.strip(),)
+    if isinstance(info, (list, tuple)) and info:
+        return tuple(_text(v, "visual_key_info").strip() for v in info if _text(v, "visual_key_info").strip())
+    listed = record.get("annotations")
+    if isinstance(listed, (list, tuple)):
+        return tuple(_text(v, "annotations").strip() for v in listed if _text(v, "annotations").strip())
+    return ()
+
+
+# ------------------------------------------------------------------------------------------ images
+def _image_bytes(images: Any, base: Path) -> bytes:
+    """The encoded bytes of the one image a row holds (list of one, or a bare entry)."""
+    if isinstance(images, (list, tuple)):
+        if len(images) > 1:
+            raise _BadRow("multiple_images", f"{len(images)} images", "keep one image per problem")
+        images = images[0] if images else None
+    if isinstance(images, dict):
+        data, path = images.get("bytes"), images.get("path")
+        if data:
+            return bytes(data)
+        images = path
+    if isinstance(images, (bytes, bytearray)) and images:
+        return bytes(images)
+    if isinstance(images, str) and images.strip():
+        path = Path(images) if Path(images).is_absolute() else base / images
+        if not path.is_file():
+            raise _BadRow("missing_image", f"image file {path} not found", "fix the image path")
+        return path.read_bytes()
+    raise _BadRow("missing_image", "no image", "give every row one image (bytes or a path)")
+
+
+def normalize_image(data: bytes) -> bytes:
+    """PNG or JPEG bytes, checked to decode fully; other formats are re-encoded as PNG."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.format in ("PNG", "JPEG"):
+                return data
+            out = io.BytesIO()
+            img.save(out, format="PNG")
+            return out.getvalue()
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise _BadRow("undecodable_image", f"image does not decode ({type(e).__name__}: {e})", "replace the image") from None
