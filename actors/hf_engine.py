@@ -35,6 +35,7 @@ class HFEngine:
         self.tokenizer = self.processor.tokenizer
         self.eos_id = self.model.generation_config.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id
+        self.suppressed = vl.suppressed_token_ids(self.tokenizer)
         self._version = 0
         self._staged: tuple[int, dict[str, torch.Tensor]] | None = None
         self._lock = threading.Lock()
@@ -60,7 +61,7 @@ class HFEngine:
             **kwargs, do_sample=not greedy, temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p, top_k=0, num_return_sequences=sampling.n,
             max_new_tokens=sampling.max_new_tokens, output_scores=True, return_dict_in_generate=True,
-            eos_token_id=self.eos_id, pad_token_id=self.pad_id)
+            eos_token_id=self.eos_id, pad_token_id=self.pad_id, suppress_tokens=self.suppressed)
         completions = out.sequences[:, inputs.num_tokens:]
         logprobs = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # [n, T, V], processed scores
         rollouts = tuple(self._rollout(completions[i], logprobs[i]) for i in range(sampling.n))

@@ -59,9 +59,12 @@ class PackedBatch:
     behaviour_logprobs: Tensor
     advantages: Tensor
     """float32 [B]."""
+    suppressed: Tensor
+    """int64 [S]: token ids generation never samples (their logits are masked here too)."""
 
 
-def pack(seqs: list[Sequence], *, pad_id: int, image_token_id: int, device: torch.device) -> PackedBatch:
+def pack(seqs: list[Sequence], *, pad_id: int, image_token_id: int, suppressed: list[int],
+         device: torch.device) -> PackedBatch:
     """Prompts left-padded to a common end column Pmax, completions right-padded after it:
 
         row b = [pad x (Pmax - P_b), prompt_b, completion_b, pad x (Tmax - T_b)]
@@ -90,12 +93,13 @@ def pack(seqs: list[Sequence], *, pad_id: int, image_token_id: int, device: torc
     advantages = torch.tensor([s.advantage for s in seqs], dtype=torch.float32)
     move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
     return PackedBatch({k: move(v) for k, v in inputs.items()}, move(completion), move(mask), move(behaviour),
-                       move(advantages))
+                       move(advantages), move(torch.tensor(suppressed, dtype=torch.long)))
 
 
 def completion_logits(model: torch.nn.Module, batch: PackedBatch) -> Tensor:
-    """[B, Tmax, V]: the logits that predict each completion token."""
-    return model(**batch.inputs, use_cache=False).logits
+    """[B, Tmax, V]: the logits that predict each completion token, suppressed tokens at -inf."""
+    logits = model(**batch.inputs, use_cache=False).logits
+    return logits.index_fill(-1, batch.suppressed, float("-inf"))
 
 
 def load_policy(model_path: str, *, cfg: LearnerConfig, device: torch.device) -> torch.nn.Module:

@@ -32,6 +32,7 @@ class Learner:
         tokenizer = self.processor.tokenizer
         self.pad_id = tokenizer.pad_token_id
         self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.suppressed = vl.suppressed_token_ids(tokenizer)
         opt = cfg.optimizer
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=opt.lr, betas=opt.betas, eps=opt.eps,
@@ -80,7 +81,7 @@ class Learner:
         """Per-sequence logprobs under the current weights (the proximal policy), no gradient."""
         out = []
         for micro in self._padded_micro_batches(seqs):
-            batch = pack(micro or seqs[:1], pad_id=self.pad_id, image_token_id=self.image_token_id, device=self.device)
+            batch = self._pack(micro or seqs[:1])
             logp = token_logprobs(completion_logits(self.model, batch), batch.completion_ids,
                                   temperature=self.temperature)
             out.extend(logp[b, : len(s.completion_ids)].float().cpu() for b, s in enumerate(micro))
@@ -110,7 +111,7 @@ class Learner:
         self.scheduler.step()
 
     def _micro_loss(self, micro: list[Sequence], old: list[torch.Tensor] | None, *, normalizer: float):
-        batch = pack(micro, pad_id=self.pad_id, image_token_id=self.image_token_id, device=self.device)
+        batch = self._pack(micro)
         logits = completion_logits(self.model, batch)
         logp = token_logprobs(logits, batch.completion_ids, temperature=self.temperature)
         old_logp = logp.detach() if old is None else _pad_rows(old, logp.shape).to(self.device)
@@ -125,6 +126,10 @@ class Learner:
         return policy_loss(logp, old_logp=old_logp, advantages=batch.advantages, mask=batch.completion_mask,
                            cfg=loss_cfg, normalizer=normalizer, behaviour_logp=batch.behaviour_logprobs,
                            ref_logp=ref, entropy=entropy)
+
+    def _pack(self, seqs: list[Sequence]):
+        return pack(seqs, pad_id=self.pad_id, image_token_id=self.image_token_id, suppressed=self.suppressed,
+                    device=self.device)
 
     def _padded_micro_batches(self, seqs: list[Sequence]) -> list[list[Sequence]]:
         """Micro-batches, padded with empty ones so every rank runs the same number of passes."""

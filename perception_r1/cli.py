@@ -21,7 +21,7 @@ SUBCOMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="perception-r1", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="perception-r1", description="Asynchronous actor-learner GRPO for vision-language models, on Ray.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
     modules = {}

@@ -192,3 +192,13 @@ def model_inputs(prompt_inputs: PromptInputs, completions: list[torch.Tensor], *
     return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids,
             "pixel_values": prompt_inputs.pixel_values.repeat(num_seqs, 1),
             "image_grid_thw": prompt_inputs.image_grid_thw.repeat(num_seqs, 1)}
+
+
+VISION_SPECIAL_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+"""Tokens a completion must never contain: an `<|image_pad|>` in a completion would be read as an
+image placeholder when the learner scores it. Generation suppresses them and the learner masks the
+same logits, so behaviour and learner distributions stay the same distribution."""
+
+
+def suppressed_token_ids(tokenizer) -> list[int]:
+    return [tokenizer.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS]

@@ -12,7 +12,8 @@ Rules it enforces:
   `learner_version - group.policy_version <= max_staleness`; one that can no longer satisfy it is
   evicted and counted, never trained.
 - Reservation gate (who unblocks whom): a producer may start a group only while
-  `taken + buffered + reserved < (synced_version + max_staleness + 1) * groups_per_step`,
+  `taken + buffered + reserved <= (synced_version + max_staleness + 1) * groups_per_step`
+  (versions counted from the run's start version),
   so every group it starts will still be fresh enough when its step comes; `max_staleness = 0`
   makes the system exactly synchronous. publish_version() from the learner unblocks producers.
 - Bounds: buffered + reserved groups <= max_groups and buffered bytes <= max_bytes; reserve()
@@ -34,6 +35,8 @@ class EntryMeta:
     """What the buffer knows of a group without fetching it."""
 
     prompt_id: str
+    seq: int
+    """The group's position in the training stream (evictions are reported by it)."""
     policy_version: int
     nbytes: int
 
@@ -62,17 +65,23 @@ class BufferStats:
 class BufferCore:
     """The buffer's bookkeeping, free of Ray and asyncio (property-tested on its own)."""
 
-    def __init__(self, *, max_staleness: int, groups_per_step: int, max_groups: int, max_bytes: int) -> None:
+    def __init__(self, *, max_staleness: int, groups_per_step: int, max_groups: int, max_bytes: int,
+                 initial_version: int = 0) -> None:
         self.max_staleness, self.groups_per_step = max_staleness, groups_per_step
         self.max_groups, self.max_bytes = max_groups, max_bytes
         self.entries: deque[_Entry] = deque()
         self.bytes = self.reserved = 0
         self.num_put = self.num_taken = self.num_evicted = self.num_released = 0
-        self.learner_version = self.synced_version = 0
+        self.initial_version = self.learner_version = self.synced_version = initial_version
+        self.published = initial_version == 0
+        """A resumed run's actors hold stale weights until the learner's first broadcast: no reservations before."""
         self.taken_staleness: Counter[int] = Counter()
+        self.evicted_seqs: list[int] = []
 
     def can_reserve(self, n: int) -> bool:
-        window = (self.synced_version + self.max_staleness + 1) * self.groups_per_step
+        if not self.published:
+            return False
+        window = (self.synced_version - self.initial_version + self.max_staleness + 1) * self.groups_per_step
         fresh_enough = self.num_taken + len(self.entries) + self.reserved + n <= window
         has_room = len(self.entries) + self.reserved + n <= self.max_groups and self.bytes < self.max_bytes
         return fresh_enough and has_room
@@ -93,6 +102,7 @@ class BufferCore:
         self.num_put += 1
         if self.learner_version - meta.policy_version > self.max_staleness:
             self.num_evicted += 1
+            self.evicted_seqs.append(meta.seq)
             return False
         self.entries.append(_Entry(ref, meta))
         self.bytes += meta.nbytes
@@ -101,6 +111,7 @@ class BufferCore:
     def publish_version(self, *, learner_version: int, synced_version: int) -> None:
         assert learner_version >= self.learner_version and synced_version >= self.synced_version
         self.learner_version, self.synced_version = learner_version, synced_version
+        self.published = True
         self._evict_stale()
 
     def can_take(self, k: int) -> bool:
@@ -122,10 +133,13 @@ class BufferCore:
         return out
 
     def _evict_stale(self) -> None:
-        keep = deque(e for e in self.entries if self.learner_version - e.meta.policy_version <= self.max_staleness)
-        self.num_evicted += len(self.entries) - len(keep)
-        self.bytes = sum(e.meta.nbytes for e in keep)
-        self.entries = keep
+        stale = [e for e in self.entries if self.learner_version - e.meta.policy_version > self.max_staleness]
+        if not stale:
+            return
+        self.entries = deque(e for e in self.entries if self.learner_version - e.meta.policy_version <= self.max_staleness)
+        self.evicted_seqs.extend(e.meta.seq for e in stale)
+        self.num_evicted += len(stale)
+        self.bytes -= sum(e.meta.nbytes for e in stale)
 
     def stats(self) -> BufferStats:
         return BufferStats(
@@ -142,9 +156,10 @@ class ReplayBuffer:
     the refs from take() and fetches the groups itself, so group data never passes through here.
     """
 
-    def __init__(self, *, max_staleness: int, groups_per_step: int, max_groups: int, max_bytes: int) -> None:
+    def __init__(self, *, max_staleness: int, groups_per_step: int, max_groups: int, max_bytes: int,
+                 initial_version: int = 0) -> None:
         self.core = BufferCore(max_staleness=max_staleness, groups_per_step=groups_per_step,
-                               max_groups=max_groups, max_bytes=max_bytes)
+                               max_groups=max_groups, max_bytes=max_bytes, initial_version=initial_version)
         self.changed = asyncio.Condition()
         self.closed = False
 
@@ -192,6 +207,11 @@ class ReplayBuffer:
     def stats(self) -> BufferStats:
         return self.core.stats()
 
+    def pop_evicted_seqs(self) -> list[int]:
+        """Seqs evicted since the last call (the driver resolves them in its ledger)."""
+        seqs, self.core.evicted_seqs = self.core.evicted_seqs, []
+        return seqs
+
     def buffered_refs(self) -> list[tuple[list, EntryMeta]]:
         """Everything still buffered (for a checkpoint's snapshot), oldest first."""
         return [([e.ref], e.meta) for e in self.core.entries]
@@ -202,7 +222,7 @@ def entry_meta(scored: Any) -> EntryMeta:
     group = scored.group
     nbytes = len(group.prompt.image) + group.prompt_token_ids.nbytes
     nbytes += sum(r.token_ids.nbytes + r.logprobs.nbytes + len(r.text) for r in group.rollouts)
-    return EntryMeta(prompt_id=group.prompt.id, policy_version=group.policy_version, nbytes=nbytes)
+    return EntryMeta(prompt_id=group.prompt.id, seq=group.seq, policy_version=group.policy_version, nbytes=nbytes)
 
 
 def stats_dict(stats: BufferStats) -> dict[str, float]:

@@ -1,0 +1,88 @@
+"""Complete checkpoints: the learner writes its shards into `step_<N>.tmp/`; the driver adds
+`driver.msgpack` (the prompt stream's position and the buffer's groups) and renames the folder to
+`step_<N>` -- an atomic rename, so a crash mid-write never leaves a broken newest checkpoint.
+Resume picks the newest folder that loads; a corrupt one is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+
+from replay import codec
+from replay.records import ScoredGroup
+from perception_r1.stream import StreamState
+
+log = logging.getLogger("perception_r1")
+DRIVER_FILE = "driver.msgpack"
+
+
+@dataclass
+class DriverState:
+    version: int
+    stream: StreamState
+    buffered: list[ScoredGroup] = field(default_factory=list)
+    """Scored groups that were waiting in the buffer; re-admitted on resume (if still fresh enough)."""
+
+
+def complete(tmp: Path, state: DriverState, *, keep: int) -> Path:
+    """Add the driver's part to a learner checkpoint folder and publish it atomically."""
+    assert tmp.name.endswith(".tmp"), tmp
+    payload = {"version": state.version, "next_seq": state.stream.next_seq, "pending": state.stream.pending,
+               "buffered": [codec.encode(g) for g in state.buffered]}
+    _write_atomic(tmp / DRIVER_FILE, msgpack.packb(payload, use_bin_type=True))
+    final = tmp.with_name(tmp.name.removesuffix(".tmp"))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    _prune(final.parent, keep=keep)
+    return final
+
+
+def load_latest(root: Path) -> tuple[Path, DriverState] | None:
+    """The newest complete checkpoint that loads, or None; corrupt ones are skipped with a warning."""
+    for path in sorted(root.glob("step_*[0-9]"), reverse=True):
+        try:
+            return path, read_driver_state(path)
+        except (OSError, ValueError, KeyError, TypeError, msgpack.UnpackException) as e:
+            log.warning("checkpoint %s is unreadable (%s: %s); falling back to an older one", path,
+                        type(e).__name__, e)
+    return None
+
+
+def read_driver_state(path: Path) -> DriverState:
+    raw = msgpack.unpackb((path / DRIVER_FILE).read_bytes(), raw=False)
+    if not (path / "learner.json").is_file():
+        raise ValueError("learner.json missing")
+    stream = StreamState(next_seq=int(raw["next_seq"]), pending=[int(s) for s in raw["pending"]])
+    return DriverState(version=int(raw["version"]), stream=stream,
+                       buffered=[codec.decode(b, ScoredGroup) for b in raw["buffered"]])
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".part")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prune(root: Path, *, keep: int) -> None:
+    complete_ones = sorted(root.glob("step_*[0-9]"))
+    for old in complete_ones[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,231 @@
+"""The composition root of a training run: resolves the model and data, starts (or joins) Ray, builds
+the judge app, the buffer, the generation actors and the learner group with their resources, wires
+handles into constructors, runs the loops (perception_r1/orchestrator.py) until the step budget is
+met or a stop is requested, and shuts everything down. The only module that imports every role.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from perception_r1.config import Config, HFEngine, TinyModel, to_yaml
+
+log = logging.getLogger("perception_r1")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_version: int
+    steps_logged: int
+    mlflow_run_id: str
+    counters: dict[str, int]
+    stopped_early: bool
+
+
+# ------------------------------------------------------------------------------------------- build
+def resolve_model(cfg: Config) -> str:
+    if isinstance(cfg.model, TinyModel):
+        from perception_r1.tiny_model import build_tiny_model
+
+        return str(build_tiny_model(cfg.model))
+    path = Path(cfg.model.path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model.path {path} is not a model folder (no config.json); point it at a local "
+                         "copy of the model (nothing is downloaded at run time)")
+    return str(path)
+
+
+def load_prompts(cfg: Config) -> list:
+    source = cfg.data.dataset
+    if source.type == "synthetic":
+        from dataprep.synthetic import make_problems
+
+        return make_problems(source)
+    from dataprep.loaders import load_prompts as load_file
+
+    return load_file(source.path)
+
+
+def init_ray(cfg: Config) -> None:
+    import ray
+
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"NCCL_NVLS_ENABLE": "0", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                        "TRANSFORMERS_OFFLINE": "1"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus, runtime_env=env,
+                 include_dashboard=cfg.cluster.include_dashboard, dashboard_host=cfg.cluster.dashboard_host)
+
+
+def build_actors(cfg: Config, model_path: str) -> list:
+    from actors.actor import GenerationActor
+    from actors.engine import Sampling
+
+    r = cfg.rollout
+    sampling = Sampling(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p,
+                        max_new_tokens=r.max_new_tokens, seed=cfg.run.seed)
+    actors = []
+    for i in range(r.num_actors):
+        build = functools.partial(build_engine, cfg=cfg, model_path=model_path)
+        actors.append(GenerationActor.options(num_gpus=r.num_gpus_per_actor, max_restarts=r.max_restarts,
+                                              name=f"generator-{i}", max_task_retries=0)
+                      .remote(actor_id=i, build_engine=build, sampling=sampling))
+    return actors
+
+
+def build_engine(*, cfg: Config, model_path: str):
+    """Runs inside the actor's process: the engine the config names."""
+    engine = cfg.rollout.engine
+    if isinstance(engine, HFEngine):
+        from actors.hf_engine import HFEngine as Engine
+
+        device = "cuda" if cfg.rollout.num_gpus_per_actor > 0 else "cpu"
+        return Engine(model_path, data=cfg.data, num_threads=engine.num_threads, device=device)
+    from actors.vllm_engine import VLLMEngine
+
+    return VLLMEngine(model_path, cfg=engine, data=cfg.data, seed=cfg.run.seed)
+
+
+def build_buffer(cfg: Config, *, initial_version: int):
+    import ray
+
+    from replay.buffer import ReplayBuffer
+
+    b = cfg.buffer
+    return ray.remote(num_cpus=0)(ReplayBuffer).options(name="replay-buffer").remote(
+        max_staleness=b.max_staleness, groups_per_step=cfg.learner.prompts_per_step, max_groups=b.max_groups,
+        max_bytes=b.max_bytes, initial_version=initial_version)
+
+
+def build_trainer(cfg: Config, wiring, run_dir: Path):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from learner.worker import train_loop_per_worker
+
+    lc = cfg.learner
+    resources = {"CPU": lc.cpus_per_worker} | ({"GPU": 1} if lc.num_gpus_per_worker else {})
+    return TorchTrainer(
+        train_loop_per_worker, train_loop_config={"wiring": wiring},
+        torch_config=TorchConfig(backend="nccl" if lc.num_gpus_per_worker else "gloo",
+                                 timeout_s=int(cfg.sync.timeout_s)),
+        scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=bool(lc.num_gpus_per_worker),
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name="learner", storage_path=str((run_dir / "ray_train").resolve()),
+                             failure_config=FailureConfig(max_failures=0)))
+
+
+def build_sinks(cfg: Config, run_dir: Path, *, resume: bool):
+    from perception_r1.tracking import ConsoleSink, FanOut, MlflowSink
+
+    mlflow_sink = MlflowSink(cfg, run_dir=run_dir, resume=resume)  # a bad URI fails here, at start
+    console = ConsoleSink(every=1 if not cfg.tracking.progress_bar else max(1, cfg.run.num_steps // 10))
+    return FanOut([mlflow_sink, console]), mlflow_sink
+
+
+# --------------------------------------------------------------------------------------------- run
+def train(cfg: Config, *, resume: bool = False) -> RunResult:
+    """Run a training job end to end; returns what it did. Ctrl-C / SIGTERM: checkpoint, then stop."""
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    model_path = resolve_model(cfg)
+    prompts = load_prompts(cfg)
+    restored = _find_resume(run_dir) if resume else None
+    init_ray(cfg)
+    try:
+        return _run(cfg, model_path=model_path, prompts=prompts, run_dir=run_dir, restored=restored)
+    finally:
+        _shutdown()
+
+
+def _find_resume(run_dir: Path):
+    from perception_r1.checkpoints import load_latest
+
+    found = load_latest(run_dir / "checkpoints")
+    if found is None:
+        log.warning("--resume: no complete checkpoint under %s; starting from scratch", run_dir / "checkpoints")
+    return found
+
+
+def _run(cfg: Config, *, model_path: str, prompts: list, run_dir: Path, restored) -> RunResult:
+    import ray
+    from ray.util.queue import Queue
+
+    from judge.service import start_judge
+    from learner.worker import LearnerWiring
+    from perception_r1.session import Session
+    from perception_r1.stream import PromptStream
+
+    ckpt_path, state = restored if restored else (None, None)
+    stream = PromptStream(prompts, shuffle_seed=cfg.data.shuffle_seed, state=state.stream if state else None)
+    judge = start_judge(cfg.judge)
+    buffer = build_buffer(cfg, initial_version=state.version if state else 0)
+    actors = build_actors(cfg, model_path)
+    reports = Queue(actor_options={"num_cpus": 0})
+    sinks, mlflow_sink = build_sinks(cfg, run_dir, resume=restored is not None)
+    wiring = LearnerWiring(config=cfg.model_dump(mode="json"), model_path=model_path, buffer=buffer,
+                           actors=actors, reports=reports, checkpoint_root=str((run_dir / "checkpoints").resolve()),
+                           resume_from=str(ckpt_path) if ckpt_path else None)
+    session = Session(cfg, stream=stream, actors=actors, judge=judge, buffer=buffer, reports=reports, sinks=sinks,
+                      start_version=state.version if state else 0, buffered=state.buffered if state else [])
+    trainer = build_trainer(cfg, wiring, run_dir)
+    stopped = _run_until_done(session, trainer)
+    sinks.close(status="KILLED" if stopped else "FINISHED")
+    judge.stop()
+    ray.kill(reports.actor)
+    return RunResult(run_dir=run_dir, final_version=session.version, steps_logged=session.steps_logged,
+                     mlflow_run_id=mlflow_sink.run_id, counters=dict(session.counters()), stopped_early=stopped)
+
+
+def _run_until_done(session, trainer) -> bool:
+    """Learner in a thread (Ray Train's fit blocks), loops on asyncio; SIGINT/SIGTERM request a stop."""
+    result: dict = {}
+    fit = threading.Thread(target=lambda: result.update(out=_fit(trainer)), name="learner-fit", daemon=True)
+    fit.start()
+    loop = asyncio.new_event_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, session.request_stop)
+    try:
+        loop.run_until_complete(session.run(learner_alive=fit.is_alive))
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        loop.close()
+    fit.join(timeout=120)
+    error = result.get("out")
+    if isinstance(error, BaseException):
+        raise RuntimeError(f"the learner failed: {error}") from error
+    return session.stop_requested
+
+
+def _fit(trainer):
+    try:
+        trainer.fit()
+        return None
+    except BaseException as e:  # noqa: BLE001 -- handed to the main thread, which re-raises it
+        return e
+
+
+def _shutdown() -> None:
+    import ray
+    from ray import serve
+
+    start = time.perf_counter()
+    try:
+        serve.shutdown()
+    except Exception as e:  # noqa: BLE001 -- shutting down: report and go on
+        log.warning("serve.shutdown failed: %s", e)
+    ray.shutdown()
+    log.info("Ray shut down in %.1fs", time.perf_counter() - start)

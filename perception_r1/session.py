@@ -1,0 +1,133 @@
+"""One training session in the driver: runs the dispatch loop (perception_r1/orchestrator.py) and the
+report loop, which turns each LearnerStepRecord into one row of metrics for every sink, keeps the
+prompt-stream ledger, completes checkpoints, and shows progress. Stops at the step budget, when
+the learner ends, or on request (Ctrl-C / SIGTERM: the buffer closes, the learner checkpoints).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import ray
+from ray.util.queue import Empty
+
+from perception_r1 import checkpoints
+from perception_r1.config import Config
+from perception_r1.orchestrator import DispatchSettings, Orchestrator
+from perception_r1.stream import PromptStream
+from replay.buffer import entry_meta, stats_dict
+from replay.metrics import generation_metrics, judge_metrics
+from replay.records import JudgeStats, LearnerStepRecord, ScoredGroup
+
+log = logging.getLogger("perception_r1")
+
+
+class Session:
+    def __init__(self, cfg: Config, *, stream: PromptStream, actors: list, judge, buffer, reports, sinks,
+                 start_version: int, buffered: list[ScoredGroup]) -> None:
+        self.cfg, self.stream, self.actors, self.judge, self.buffer = cfg, stream, actors, judge, buffer
+        self.reports, self.sinks, self.version, self.buffered = reports, sinks, start_version, buffered
+        settings = DispatchSettings(prompts_per_call=cfg.rollout.prompts_per_call,
+                                    max_inflight_per_actor=cfg.rollout.max_inflight_per_actor,
+                                    drop_uniform_groups=cfg.learner.loss.drop_uniform_groups)
+        self.orchestrator = Orchestrator(stream=stream, actors=actors, scorer=judge, buffer=buffer, settings=settings)
+        self.stop_requested = False
+        self.steps_logged = 0
+        self.judge_before = JudgeStats()
+        self.window_start = time.perf_counter()
+        self.progress = _progress(cfg, start_version)
+
+    def request_stop(self) -> None:
+        if not self.stop_requested:
+            log.warning("stop requested: closing the buffer; the learner checkpoints and exits")
+        self.stop_requested = True
+
+    def counters(self) -> Counter[str]:
+        return self.orchestrator.counters
+
+    async def run(self, *, learner_alive) -> None:
+        await self._readmit()
+        dispatch = asyncio.get_running_loop().create_task(self.orchestrator.run())
+        try:
+            await self._report_loop(learner_alive)
+        finally:
+            self.orchestrator.stop()
+            await self.buffer.close.remote()
+            dispatch.cancel()
+            await self.orchestrator.drain(timeout_s=10.0)
+            if self.progress is not None:
+                self.progress.close()
+
+    async def _readmit(self) -> None:
+        """Groups that waited in the buffer at the checkpoint go back in first (still fresh ones only)."""
+        for scored in self.buffered:
+            await self.buffer.reserve.remote(1)
+            if await self.buffer.put.remote([ray.put(scored)], entry_meta(scored)):
+                self.stream.claim(scored.group.seq)
+        self.buffered = []
+
+    async def _report_loop(self, learner_alive) -> None:
+        closing = False
+        while True:
+            if self.stop_requested and not closing:
+                closing = True
+                await self.buffer.close.remote()
+            try:
+                record: LearnerStepRecord = await self.reports.get_async(block=True, timeout=0.5)
+            except Empty:
+                if not learner_alive() and self.reports.empty():
+                    return
+                continue
+            await self._on_record(record)
+
+    async def _on_record(self, record: LearnerStepRecord) -> None:
+        self.stream.resolve(record.seqs)
+        self.stream.resolve(await self.buffer.pop_evicted_seqs.remote())
+        if "learner/final" not in record.metrics:
+            self.version = record.version
+            metrics = await self._step_metrics(record)
+            self.sinks.log_metrics(record.step, metrics)
+            self.steps_logged += 1
+            if self.progress is not None:
+                self.progress.update(1)
+                self.progress.set_postfix(reward=f"{metrics.get('reward/total', 0):.3f}",
+                                          samples_s=f"{metrics.get('throughput/samples_per_s', 0):.2f}")
+        if record.checkpoint_path:
+            await self._complete_checkpoint(Path(record.checkpoint_path), version=record.version)
+
+    async def _step_metrics(self, record: LearnerStepRecord) -> dict[str, float]:
+        now = time.perf_counter()
+        wall, self.window_start = now - self.window_start, now
+        gen = await asyncio.gather(*[a.stats.remote() for a in self.actors], return_exceptions=True)
+        gen = [g for g in gen if not isinstance(g, BaseException)]
+        judge_now = await self.judge.stats()
+        buffer_stats = await self.buffer.stats.remote()
+        metrics = dict(record.metrics)
+        metrics.update(generation_metrics(gen, wall_seconds=wall))
+        metrics.update(judge_metrics(judge_now, self.judge_before))
+        metrics.update(stats_dict(buffer_stats))
+        metrics.update({f"driver/{k}": float(v) for k, v in self.orchestrator.counters.items()})
+        n = self.cfg.learner.prompts_per_step * self.cfg.rollout.samples_per_prompt
+        metrics["throughput/samples_per_s"] = n / max(wall, 1e-9)
+        metrics["throughput/step_wall_seconds"] = wall
+        self.judge_before = judge_now
+        return metrics
+
+    async def _complete_checkpoint(self, tmp: Path, *, version: int) -> None:
+        entries = await self.buffer.buffered_refs.remote()
+        buffered = await asyncio.gather(*[refs[0] for refs, _ in entries])
+        state = checkpoints.DriverState(version=version, stream=self.stream.state(), buffered=list(buffered))
+        final = checkpoints.complete(tmp, state, keep=self.cfg.checkpoint.keep)
+        log.info("checkpoint %s complete (version %d, %d buffered groups)", final, version, len(buffered))
+
+
+def _progress(cfg: Config, start: int):
+    if not cfg.tracking.progress_bar:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.run.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)

@@ -1,0 +1,118 @@
+"""Metric sinks: the driver reduces each step's records into named scalars once and fans them out
+here (mlflow, the console, the Ray dashboard). A sink that fails at start fails the run (it is
+misconfigured); a sink that fails mid-run is a warning, counted, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+from perception_r1.config import Config, TrackingConfig, to_yaml
+
+log = logging.getLogger("perception_r1")
+DEFAULT_MLFLOW_URI = "sqlite:///mlruns.db"
+
+
+class MetricsSink(Protocol):
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def close(self, *, status: str) -> None: ...
+
+
+def mlflow_uri(cfg: TrackingConfig) -> str:
+    return cfg.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_MLFLOW_URI
+
+
+class MlflowSink:
+    """One mlflow run per training job; a resumed job continues its run (id kept in the run folder)."""
+
+    def __init__(self, cfg: Config, *, run_dir: Path, resume: bool) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(mlflow_uri(cfg.tracking))
+        mlflow.set_experiment(cfg.tracking.experiment)
+        id_file = run_dir / "mlflow_run_id"
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
+        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.run.name)
+        id_file.write_text(self.run.info.run_id)
+        if run_id is None:
+            mlflow.log_params(_flatten(cfg.model_dump(mode="json")))
+            mlflow.log_text(to_yaml(cfg), "config.yaml")
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.mlflow.log_metrics({_safe_key(k): float(v) for k, v in metrics.items()}, step=step)
+
+    def log_table(self, table: dict[str, list], *, artifact_file: str) -> None:
+        self.mlflow.log_table(data=table, artifact_file=artifact_file)
+
+    def close(self, *, status: str) -> None:
+        self.mlflow.end_run(status=status)
+
+
+class ConsoleSink:
+    """A one-line summary every `every` steps (the progress bar shows the rest)."""
+
+    KEYS = ("reward/total", "reward/accuracy", "reward/format", "reward/visual", "staleness/mean",
+            "learner/loss", "gen/tokens_per_s", "learner/step_seconds", "sync/seconds")
+
+    def __init__(self, *, every: int = 1, write=print) -> None:
+        self.every, self.write = every, write
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if step % self.every == 0:
+            parts = [f"{k.split('/')[-1]}={metrics[k]:.3g}" for k in self.KEYS if k in metrics]
+            self.write(f"step {step}: " + " ".join(parts))
+
+    def close(self, *, status: str) -> None:
+        pass
+
+
+class FanOut:
+    """Sends every record to every sink; a failing sink is warned about and counted, not fatal."""
+
+    def __init__(self, sinks: list) -> None:
+        self.sinks, self.failures = sinks, 0
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        for sink in self.sinks:
+            self._guard(sink, "log_metrics", step, metrics)
+
+    def call(self, method: str, *args, **kwargs) -> None:
+        for sink in self.sinks:
+            if hasattr(sink, method):
+                self._guard(sink, method, *args, **kwargs)
+
+    def close(self, *, status: str) -> None:
+        for sink in self.sinks:
+            self._guard(sink, "close", status=status)
+
+    def _guard(self, sink, method: str, *args, **kwargs) -> None:
+        try:
+            getattr(sink, method)(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 -- a metrics sink must never stop training
+            self.failures += 1
+            log.warning("metrics sink %s.%s failed (%d failures so far): %s", type(sink).__name__, method,
+                        self.failures, e)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:500]
+    return out
+
+
+def _safe_key(key: str) -> str:
+    return key.replace(":", "_")
