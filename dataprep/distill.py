@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from dataprep.openai_calls import ChatClient, RequestFailed, multimodal_content
+from dataprep.openai_calls import ChatClient, ChatReply, RequestFailed, multimodal_content
 from dataprep.progress import ProgressLog, run_items
 from perception_r1.config import FORMAT_PROMPT
 from replay.records import Prompt
@@ -43,17 +43,23 @@ def teacher_messages(prompt: Prompt, *, instruction: str = FORMAT_PROMPT) -> lis
 async def distill_one(prompt: Prompt, client: ChatClient, *, samples: int) -> DistillRecord:
     """k independent requests for one problem; failures are recorded, fatal endpoint errors raised."""
     messages = teacher_messages(prompt)
-    results = await asyncio.gather(*(client.chat(messages) for _ in range(samples)), return_exceptions=True)
-    for r in results:
-        if isinstance(r, BaseException) and not isinstance(r, RequestFailed):
-            raise r  # FatalEndpointError, cancellation, bugs: stop the stage
-    replies = [r for r in results if not isinstance(r, BaseException)]
+
+    async def sample() -> ChatReply | RequestFailed:
+        try:
+            return await client.chat(messages)
+        except RequestFailed as e:  # recorded; anything else (fatal endpoint, cancel) stops the stage
+            return e
+
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(sample()) for _ in range(samples)]
+    results = [t.result() for t in tasks]
+    replies = [r for r in results if isinstance(r, ChatReply)]
     return DistillRecord(
         id=prompt.id,
         status="ok" if replies else "error",
         samples=tuple(r.text for r in replies),
         finish_reasons=tuple(r.finish_reason for r in replies),
-        errors=tuple(str(r) for r in results if isinstance(r, BaseException)),
+        errors=tuple(str(r) for r in results if isinstance(r, RequestFailed)),
         prompt_tokens=sum(r.prompt_tokens for r in replies),
         completion_tokens=sum(r.completion_tokens for r in replies),
     )

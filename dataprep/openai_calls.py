@@ -77,6 +77,7 @@ class ChatClient:
         self.num_requests = 0
         """HTTP requests sent, retries included."""
         self.num_retries = 0
+        self._fatal: FatalEndpointError | None = None
 
     async def chat(self, messages: list[dict]) -> ChatReply:
         """One completion, retried on transient failures; raises RequestFailed or FatalEndpointError."""
@@ -86,6 +87,8 @@ class ChatClient:
         for attempt in range(ep.max_attempts):
             try:
                 async with self._slots:
+                    if self._fatal is not None:  # another request already learnt that none can succeed
+                        raise self._fatal
                     self.num_requests += 1
                     async with asyncio.timeout(ep.timeout_s):
                         response = await self._client.chat.completions.create(
@@ -93,7 +96,8 @@ class ChatClient:
                         )
                 return _reply(response)
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-                raise FatalEndpointError(f"{ep.base_url} (model {ep.model}) refused the request: {_describe(e)}") from None
+                self._fatal = FatalEndpointError(f"{ep.base_url} (model {ep.model}) refused the request: {_describe(e)}")
+                raise self._fatal from None
             except (openai.BadRequestError, openai.UnprocessableEntityError) as e:  # this item's request is bad
                 raise RequestFailed(f"rejected: {_describe(e)}") from None
             except (TimeoutError, openai.APIError, _EmptyReply) as e:
