@@ -351,6 +351,11 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         problems.append(
             f"learner.optimizer.warmup_steps ({cfg.learner.optimizer.warmup_steps}) exceeds run.num_steps "
             f"({cfg.run.num_steps}): the lr would never reach its value; lower warmup_steps")
+    if cfg.sync.interval_steps > cfg.buffer.max_staleness + 1:
+        problems.append(
+            f"sync.interval_steps ({cfg.sync.interval_steps}) exceeds buffer.max_staleness + 1 "
+            f"({cfg.buffer.max_staleness + 1}): actors would hold weights too old for any group to be trained; "
+            "lower sync.interval_steps or raise buffer.max_staleness")
     gpus = cfg.learner.num_gpus_per_worker
     if cfg.sync.backend == "nccl" and gpus == 0:
         problems.append("sync.backend=nccl needs learner.num_gpus_per_worker=1; use gloo or auto on CPU")
