@@ -13,6 +13,7 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -20,8 +21,10 @@ from transformers import AutoProcessor, Qwen2_5_VLProcessor
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import is_torchvision_available
 
-from perception_r1.config import DataConfig
 from replay.records import Prompt
+
+if TYPE_CHECKING:  # only attributes are read; keeps this module free of the config's dependencies
+    from perception_r1.config import DataConfig
 
 IMAGE_PLACEHOLDER = "<image>"
 MAX_SOURCE_PIXELS = 64_000_000
