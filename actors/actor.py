@@ -62,6 +62,13 @@ class GenerationActor:
     def version(self) -> int:
         return self.engine.version
 
+    @ray.method(concurrency_group="generate")
+    def weights_digest(self, apply_staged: bool = True) -> tuple[int, str]:
+        """(version, digest) of the engine's weights, after applying staged ones (a safe point)."""
+        if apply_staged:
+            self.engine.apply_staged_weights()
+        return self.engine.version, self.engine.weights_digest()
+
     @ray.method(concurrency_group="sync")
     def pid(self) -> int:
         return os.getpid()

@@ -42,3 +42,6 @@ class Engine(Protocol):
 
     def apply_staged_weights(self) -> bool:
         """At a safe point: swap in weights received since the last call. True if the version changed."""
+
+    def weights_digest(self) -> str:
+        """`replay.weights.digest` of the weights generate() uses now (after a sync it equals the learner's)."""

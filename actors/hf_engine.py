@@ -18,7 +18,7 @@ from actors.engine import Sampling
 from perception_r1 import vl
 from perception_r1.config import DataConfig
 from replay.records import Prompt, Rollout, RolloutGroup, WeightGroupSpec, WeightManifest
-from replay.weights import open_group, receive
+from replay.weights import digest, open_group, receive
 
 
 class HFEngine:
@@ -101,3 +101,6 @@ class HFEngine:
         self.model.load_state_dict(tensors, strict=True)
         self._version = version
         return True
+
+    def weights_digest(self) -> str:
+        return digest(self.model.state_dict().items())

@@ -9,6 +9,7 @@ actors. Gloo on CPU, NCCL on GPU: one code path. Every wait has a timeout.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import socket
 from collections.abc import Iterable, Iterator
 
@@ -97,6 +98,15 @@ def receive(group: dist.ProcessGroup, manifest: WeightManifest, *, device: torch
         _broadcast(group, flat, timeout_s)
         for i, piece in zip(bucket, torch.split(flat, sizes)):
             yield manifest.names[i], piece.view(manifest.shapes[i])
+
+
+def digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """A hash of names and exact bytes: equal digests mean bit-identical weights (tests, health checks)."""
+    h = hashlib.sha256()
+    for name, t in sorted(named, key=lambda item: item[0]):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _broadcast(group: dist.ProcessGroup, flat: torch.Tensor, timeout_s: float) -> None:

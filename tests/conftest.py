@@ -1,0 +1,27 @@
+"""Shared fixtures: the tiny model (built once per session) and a local Ray cluster (one per module)."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    from perception_r1.config import TinyModel
+    from perception_r1.tiny_model import build_tiny_model
+
+    return str(build_tiny_model(TinyModel(cache_dir=str(tmp_path_factory.mktemp("tiny")))))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,41 @@
+"""After a broadcast every generation actor holds exactly the learner's weights, with the new version."""
+
+import functools
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def test_broadcast_makes_actor_weights_equal_learner(ray_cluster, tiny_model_dir):
+    from transformers import AutoModelForImageTextToText
+
+    from actors.actor import GenerationActor
+    from actors.engine import Sampling
+    from learner.sync import WeightBroadcaster
+    from perception_r1.driver import build_engine
+    from perception_r1.config import parse_config
+    from replay.weights import digest
+
+    cfg = parse_config({"model": {"type": "pretrained", "path": tiny_model_dir}})
+    build = functools.partial(build_engine, cfg=cfg, model_path=tiny_model_dir)
+    sampling = Sampling(n=2, temperature=1.0, top_p=1.0, max_new_tokens=4)
+    actors = [GenerationActor.remote(actor_id=i, build_engine=build, sampling=sampling) for i in range(2)]
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    sender = WeightBroadcaster(receivers=actors, rank=0, backend="gloo", timeout_s=60, bucket_bytes=1 << 16,
+                               dtype=torch.float32, device=torch.device("cpu"))
+    sender.connect()
+    with torch.no_grad():  # the learner "trains": every tensor changes
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    learner_digest = digest(model.state_dict().items())
+    before = ray_cluster.get([a.weights_digest.remote() for a in actors])
+    assert all(d != learner_digest and v == 0 for v, d in before)
+
+    seconds, nbytes = sender.broadcast(model, version=1)
+
+    after = ray_cluster.get([a.weights_digest.remote() for a in actors])
+    assert after == [(1, learner_digest)] * 2
+    assert nbytes == sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert seconds > 0
