@@ -72,6 +72,7 @@ def build_tiny_model(cfg: TinyModel) -> Path:
     try:
         _build_into(staging, cfg)
         (staging / MARKER).write_text(json.dumps({"hash": digest, "config": cfg.model_dump()}, indent=2))
+        _make_readable(staging)
         os.rename(staging, target)
     except OSError:
         if not (target / MARKER).is_file():  # not a concurrent builder that finished first
@@ -79,6 +80,13 @@ def build_tiny_model(cfg: TinyModel) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp (and safetensors) create owner-only modes; a model folder is for every local user."""
+    folder.chmod(0o755)
+    for path in folder.iterdir():
+        path.chmod(0o644)
 
 
 def config_hash(cfg: TinyModel) -> str:
