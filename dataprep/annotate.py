@@ -101,13 +101,13 @@ def _json_value(text: str) -> object:
     raise InvalidAnnotations("reply is not JSON")
 
 
-def extraction_messages(prompt: Prompt, solution: str) -> list[dict]:
+def extraction_messages(prompt: Prompt, *, solution: str) -> list[dict]:
     problem = prompt.problem.replace("<image>", " ").strip()
     return [{"role": "user", "content": EXTRACTION_PROMPT.format(problem=problem, solution=solution)}]
 
 
-async def annotate_one(prompt: Prompt, solution: str, client: ChatClient, *, attempts: int) -> AnnotateRecord:
-    messages = extraction_messages(prompt, solution)
+async def annotate_one(prompt: Prompt, *, solution: str, client: ChatClient, attempts: int) -> AnnotateRecord:
+    messages = extraction_messages(prompt, solution=solution)
     tokens = [0, 0]
     for attempt in range(1, attempts + 1):
         try:
@@ -125,14 +125,14 @@ async def annotate_one(prompt: Prompt, solution: str, client: ChatClient, *, att
 
 
 async def annotate(
-    items: list[tuple[Prompt, str]], client: ChatClient, progress: ProgressLog[AnnotateRecord], *, attempts: int, show: bool
+    items: list[tuple[Prompt, str]], *, client: ChatClient, progress: ProgressLog[AnnotateRecord], attempts: int, show: bool
 ) -> int:
     """Annotate every (prompt, solution) not finished in `progress` (errors are redone); returns how many."""
     done = progress.records
     todo = [(p, s) for p, s in items if p.id not in done or done[p.id].status == "error"]
 
     async def work(item: tuple[Prompt, str]) -> AnnotateRecord:
-        return await annotate_one(item[0], item[1], client, attempts=attempts)
+        return await annotate_one(item[0], solution=item[1], client=client, attempts=attempts)
 
-    await run_items(todo, work, progress, desc="annotate", total=len(items), show=show)
+    await run_items(todo, work=work, progress=progress, desc="annotate", total=len(items), show=show)
     return len(todo)

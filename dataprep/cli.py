@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("stage", choices=list(STAGE_CHOICES), help="which stage to run (all: every stage in order)")
     parser.add_argument("--input", required=True, help="dataset: .parquet, .jsonl, or a Geometry3K split folder")
     parser.add_argument("--output-dir", required=True, help="progress files, dataset and report go here (reuse it to resume)")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N problems (a trial run; grow it later in the same folder)")
-    parser.add_argument("--on-bad-row", choices=["skip", "raise"], default="skip", help="skip bad input rows (counted in the report) or stop at the first")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N problems (a trial; grow it later in the same folder)")
+    parser.add_argument("--on-bad-row", choices=["skip", "raise"], default="skip", help="skip bad input rows (reported) or stop at the first")
     parser.add_argument("--format", choices=["parquet", "jsonl"], default="parquet", help="dataset.parquet, or dataset.jsonl + images/")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight per endpoint")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         loaded = LoadResult(loaded.prompts[: args.limit], loaded.skipped, loaded.source_format)
     try:
-        report = asyncio.run(prepare(loaded, stages, settings, input_path=str(args.input)))
+        report = asyncio.run(prepare(loaded, stages=stages, settings=settings, input_path=str(args.input)))
     except FatalEndpointError as e:
         print(f"perception-r1 prepare-data: {e}", file=sys.stderr)
         return 1

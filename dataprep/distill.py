@@ -37,10 +37,10 @@ class DistillRecord:
 
 
 def teacher_messages(prompt: Prompt, *, instruction: str = FORMAT_PROMPT) -> list[dict]:
-    return [{"role": "user", "content": multimodal_content(prompt, instruction)}]
+    return [{"role": "user", "content": multimodal_content(prompt, suffix=instruction)}]
 
 
-async def distill_one(prompt: Prompt, client: ChatClient, *, samples: int) -> DistillRecord:
+async def distill_one(prompt: Prompt, *, client: ChatClient, samples: int) -> DistillRecord:
     """k independent requests for one problem; failures are recorded, fatal endpoint errors raised."""
     messages = teacher_messages(prompt)
 
@@ -66,15 +66,15 @@ async def distill_one(prompt: Prompt, client: ChatClient, *, samples: int) -> Di
 
 
 async def distill(
-    prompts: list[Prompt], client: ChatClient, progress: ProgressLog[DistillRecord], *, samples: int, show: bool
+    prompts: list[Prompt], *, client: ChatClient, progress: ProgressLog[DistillRecord], samples: int, show: bool
 ) -> int:
     """Distil every problem not already `ok` in `progress`; returns how many were requested."""
     done = progress.records
     todo = [p for p in prompts if p.id not in done or done[p.id].status != "ok"]
 
     async def work(prompt: Prompt) -> DistillRecord:
-        return await distill_one(prompt, client, samples=samples)
+        return await distill_one(prompt, client=client, samples=samples)
 
-    await run_items(todo, work, progress, desc="distill", total=len(prompts), show=show)
+    await run_items(todo, work=work, progress=progress, desc="distill", total=len(prompts), show=show)
     return len(todo)
 

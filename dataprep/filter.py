@@ -3,8 +3,7 @@ against the ground truth under the reward's accuracy rule (spec §3.2, §8.12), 
 solution (the first correct one in the method's format, else the first correct one).
 
 Pure CPU and deterministic, so it is recomputed from distill.jsonl on every run (seconds for
-Geometry3K) and written whole to filter.jsonl. It runs in the main thread, where math-verify's
-signal-based timeouts work.
+Geometry3K) and written whole to filter.jsonl.
 
 NOTE: `accuracy` follows spec §3.2 directly with math-verify. When the judge role's
 `judge.rules.accuracy_reward` lands, this should call it instead so the two cannot drift.
@@ -13,6 +12,7 @@ NOTE: `accuracy` follows spec §3.2 directly with math-verify. When the judge ro
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 
 from dataprep.distill import DistillRecord
@@ -37,14 +37,19 @@ class FilterRecord:
     num_samples: int
 
 
-def accuracy(response: str, ground_truth: str) -> float:
+def accuracy(response: str, *, ground_truth: str) -> float:
     """r_a of spec §3.2: 1.0 iff math-verify accepts the answer; any exception gives 0."""
     from math_verify import parse, verify
 
     m = _ANSWER.search(response)
     given = m.group(1).strip() if m else response.strip()
+    # math-verify's timeouts use signal.alarm, which raises outside the main thread (and the
+    # exception would silently score 0): off the main thread, call it without them.
+    main = threading.current_thread() is threading.main_thread()
+    parse_timeout, verify_timeout = (5, 5) if main else (None, None)
     try:
-        return float(verify(parse(ground_truth.strip()), parse(given)))
+        gold, target = parse(ground_truth.strip(), parsing_timeout=parse_timeout), parse(given, parsing_timeout=parse_timeout)
+        return float(verify(gold, target, timeout_seconds=verify_timeout))
     except Exception:  # the spec's rule: a parse or verify failure scores 0
         return 0.0
 
@@ -54,16 +59,16 @@ def well_formatted(response: str) -> bool:
     return _FORMAT.fullmatch(response) is not None
 
 
-def filter_one(prompt: Prompt, record: DistillRecord | None) -> FilterRecord:
+def filter_one(prompt: Prompt, *, record: DistillRecord | None) -> FilterRecord:
     if record is None or record.status != "ok":
         reason = "not_distilled" if record is None else "distill_error"
         return FilterRecord(prompt.id, False, reason, "", 0, 0 if record is None else len(record.samples))
-    correct = [s for s in record.samples if accuracy(s, prompt.answer) == 1.0]
+    correct = [s for s in record.samples if accuracy(s, ground_truth=prompt.answer) == 1.0]
     if not correct:
         return FilterRecord(prompt.id, False, "no_correct_sample", "", 0, len(record.samples))
     solution = next((s for s in correct if well_formatted(s)), correct[0])
     return FilterRecord(prompt.id, True, "", solution, len(correct), len(record.samples))
 
 
-def filter_all(prompts: list[Prompt], distilled: dict[str, DistillRecord]) -> list[FilterRecord]:
-    return [filter_one(p, distilled.get(p.id)) for p in prompts]
+def filter_all(prompts: list[Prompt], *, distilled: dict[str, DistillRecord]) -> list[FilterRecord]:
+    return [filter_one(p, record=distilled.get(p.id)) for p in prompts]

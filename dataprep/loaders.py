@@ -125,12 +125,16 @@ def _resolve(path: Path) -> tuple[Path, str]:
     for name in OUTPUT_NAMES:
         if (path / name).is_file():
             return path / name, name.split(".")[1]
-    if any((d / "data.json").is_file() for d in path.iterdir() if d.is_dir()):
+    if _is_geometry3k_split(path):
         return path, "geometry3k"
-    splits = [d.name for d in path.iterdir() if d.is_dir() and any((s / "data.json").is_file() for s in d.iterdir() if s.is_dir())]
+    splits = sorted(d.name for d in path.iterdir() if d.is_dir() and _is_geometry3k_split(d))
     if splits:
-        raise ValueError(f"{path} holds the Geometry3K splits {sorted(splits)}; point the path at one of them, e.g. {path / sorted(splits)[0]}")
+        raise ValueError(f"{path} holds the Geometry3K splits {splits}; point the path at one of them, e.g. {path / splits[0]}")
     raise ValueError(f"{path}: no dataset found (no {' or '.join(OUTPUT_NAMES)}, no Geometry3K problem folders with data.json)")
+
+
+def _is_geometry3k_split(path: Path) -> bool:
+    return any((d / "data.json").is_file() for d in path.iterdir() if d.is_dir())
 
 
 def _rows(source: Path, fmt: str) -> Iterator[tuple[int, str, Any]]:
@@ -171,7 +175,8 @@ def _jsonl_rows(source: Path) -> Iterator[tuple[int, str, Any]]:
             try:
                 record = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
-                yield row, fallback_id, _raiser("not_utf8", f"line is not UTF-8 ({e.reason} at byte {e.start})", "re-encode the file as UTF-8")
+                detail = f"line is not UTF-8 ({e.reason} at byte {e.start})"
+                yield row, fallback_id, _raiser("not_utf8", detail, "re-encode the file as UTF-8")
                 continue
             except json.JSONDecodeError as e:
                 yield row, fallback_id, _raiser("invalid_json", f"line is not JSON ({e.msg})", "fix or remove the line")
@@ -269,7 +274,8 @@ def _text(value: Any, name: str) -> str:
         try:
             return value.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise _BadRow("not_utf8", f"{name} is not UTF-8 ({e.reason} at byte {e.start})", "re-encode the text as UTF-8") from None
+            detail = f"{name} is not UTF-8 ({e.reason} at byte {e.start})"
+            raise _BadRow("not_utf8", detail, "re-encode the text as UTF-8") from None
     if isinstance(value, float) and value != value:  # NaN from a pandas export
         return ""
     return value if isinstance(value, str) else str(value)
@@ -278,7 +284,8 @@ def _text(value: Any, name: str) -> str:
 def _check_placeholder(problem: str) -> None:
     count = problem.count(IMAGE_PLACEHOLDER)
     if count != 1:
-        raise _BadRow("bad_placeholder", f"problem has {count} {IMAGE_PLACEHOLDER} placeholders", "put exactly one <image> where the image goes")
+        detail = f"problem has {count} {IMAGE_PLACEHOLDER} placeholders"
+        raise _BadRow("bad_placeholder", detail, "put exactly one <image> where the image goes")
 
 
 def _annotations(record: dict) -> tuple[str, ...]:

@@ -71,7 +71,9 @@ class ChatClient:
         from openai import AsyncOpenAI
 
         self.endpoint = endpoint
-        self._client = AsyncOpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key(), max_retries=0, timeout=endpoint.timeout_s)
+        self._client = AsyncOpenAI(
+            base_url=endpoint.base_url, api_key=endpoint.api_key(), max_retries=0, timeout=endpoint.timeout_s
+        )
         self._slots = asyncio.Semaphore(concurrency)
         self._rng = random.Random(seed)
         self.num_requests = 0
@@ -140,7 +142,7 @@ def image_data_url(image: bytes) -> str:
     return f"data:{mime};base64,{base64.b64encode(image).decode('ascii')}"
 
 
-def multimodal_content(prompt: Prompt, suffix: str) -> list[dict]:
+def multimodal_content(prompt: Prompt, *, suffix: str) -> list[dict]:
     """The user message content: the problem split on `<image>` with the image at the split point
     (as the policy sees it, spec §2), followed by `suffix` after one space."""
     pieces = f"{prompt.problem} {suffix.strip()}".split("<image>")

@@ -1,8 +1,8 @@
 """Data preparation from raw problems to the training set, stage by stage, each resumable:
 
-    input (loaders) ──> distill ──distill.jsonl──> filter ──filter.jsonl──> annotate ──annotate.jsonl──> write
-    image+problem+answer  teacher, k CoTs        math-verify,            text LLM, JSON      dataset.parquet
-                          per problem            keep a correct CoT      list of facts       + report.json
+    input ──> distill ──distill.jsonl──> filter ──filter.jsonl──> annotate ──annotate.jsonl──> write
+    (loaders) teacher: k CoTs            math-verify: keep        text LLM: JSON list        dataset.parquet
+              per problem                a correct CoT            of visual facts            + report.json
 
 Every stage reads the previous stage's file in the output folder, so each also runs alone. The
 network stages (distill, annotate) append one line per finished problem and skip finished
@@ -26,7 +26,7 @@ from dataprep.distill import DistillRecord
 from dataprep.filter import FilterRecord
 from dataprep.loaders import LoadResult
 from dataprep.openai_calls import ChatClient, Endpoint
-from dataprep.progress import ProgressLog, check_inputs, check_manifest, read_records, write_json_atomic
+from dataprep.progress import ProgressLog, check_inputs, check_manifest, read_records, write_json_atomic, write_records
 from dataprep.writer import write_dataset
 from replay.records import Prompt
 
@@ -51,65 +51,67 @@ class Settings:
     show_progress: bool = True
 
 
-async def prepare(loaded: LoadResult, stages: Sequence[str], settings: Settings, *, input_path: str = "") -> dict:
+async def prepare(loaded: LoadResult, *, stages: Sequence[str], settings: Settings, input_path: str = "") -> dict:
     """Run `stages` (in STAGES order) on the loaded input; returns the report (also in report.json)."""
     unknown = set(stages) - set(STAGES)
     assert not unknown, unknown
     out = settings.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    check_inputs(out, loaded.prompts)
+    check_inputs(out, prompts=loaded.prompts)
     this_run: dict[str, dict] = {}
     if "distill" in stages:
-        this_run["distill"] = await run_distill(loaded.prompts, settings)
+        this_run["distill"] = await run_distill(loaded.prompts, settings=settings)
     if "filter" in stages:
-        run_filter(loaded.prompts, settings)
+        run_filter(loaded.prompts, settings=settings)
     if "annotate" in stages:
-        this_run["annotate"] = await run_annotate(loaded.prompts, settings)
-    report = build_report(loaded, out, input_path=input_path) | {"this_run": this_run}
+        this_run["annotate"] = await run_annotate(loaded.prompts, settings=settings)
+    report = build_report(loaded, out=out, input_path=input_path) | {"this_run": this_run}
     if "write" in stages:
-        rows = final_rows(loaded.prompts, out)
-        path = write_dataset(rows, out, fmt=settings.output_format)
+        rows = final_rows(loaded.prompts, out=out)
+        path = write_dataset(rows, output_dir=out, fmt=settings.output_format)
         report["output"] = {"path": str(path), "num_rows": len(rows)}
-    write_json_atomic(out / REPORT_FILE, report)
+    write_json_atomic(out / REPORT_FILE, value=report)
     return report
 
 
-async def run_distill(prompts: list[Prompt], settings: Settings) -> dict:
+async def run_distill(prompts: list[Prompt], *, settings: Settings) -> dict:
     ep = _required(settings.teacher, "distill", "--teacher-url and --teacher-model")
-    check_manifest(settings.output_dir, "distill", {"model": ep.model, "samples": settings.samples, "temperature": ep.temperature, "max_tokens": ep.max_tokens})
+    pinned = {"model": ep.model, "samples": settings.samples, "temperature": ep.temperature, "max_tokens": ep.max_tokens}
+    check_manifest(settings.output_dir, key="distill", value=pinned)
     client = ChatClient(ep, concurrency=settings.concurrency)
     try:
-        with ProgressLog(settings.output_dir / distill_mod.PROGRESS_FILE, DistillRecord) as progress:
-            num = await distill_mod.distill(prompts, client, progress, samples=settings.samples, show=settings.show_progress)
+        with ProgressLog(settings.output_dir / distill_mod.PROGRESS_FILE, cls=DistillRecord) as progress:
+            num = await distill_mod.distill(
+                prompts, client=client, progress=progress, samples=settings.samples, show=settings.show_progress
+            )
     finally:
         await client.close()
     return {"num_problems": num, "num_http_requests": client.num_requests, "num_retries": client.num_retries}
 
 
-def run_filter(prompts: list[Prompt], settings: Settings) -> list[FilterRecord]:
-    distilled = read_records(settings.output_dir / distill_mod.PROGRESS_FILE, DistillRecord)
+def run_filter(prompts: list[Prompt], *, settings: Settings) -> list[FilterRecord]:
+    distilled = read_records(settings.output_dir / distill_mod.PROGRESS_FILE, cls=DistillRecord)
     if not distilled:
         raise ValueError(f"{settings.output_dir} has no {distill_mod.PROGRESS_FILE}; run the distill stage first")
-    records = filter_mod.filter_all(prompts, distilled)
-    path = settings.output_dir / filter_mod.PROGRESS_FILE
-    path.unlink(missing_ok=True)
-    with ProgressLog(path, FilterRecord) as progress:
-        for record in records:
-            progress.append(record)
+    records = filter_mod.filter_all(prompts, distilled=distilled)
+    write_records(settings.output_dir / filter_mod.PROGRESS_FILE, records=records)
     return records
 
 
-async def run_annotate(prompts: list[Prompt], settings: Settings) -> dict:
+async def run_annotate(prompts: list[Prompt], *, settings: Settings) -> dict:
     ep = _required(settings.extractor, "annotate", "--text-url and --text-model")
-    filtered = read_records(settings.output_dir / filter_mod.PROGRESS_FILE, FilterRecord)
+    filtered = read_records(settings.output_dir / filter_mod.PROGRESS_FILE, cls=FilterRecord)
     if not filtered:
         raise ValueError(f"{settings.output_dir} has no {filter_mod.PROGRESS_FILE}; run the filter stage first")
-    check_manifest(settings.output_dir, "annotate", {"model": ep.model, "attempts": settings.attempts, "temperature": ep.temperature, "max_tokens": ep.max_tokens})
+    pinned = {"model": ep.model, "attempts": settings.attempts, "temperature": ep.temperature, "max_tokens": ep.max_tokens}
+    check_manifest(settings.output_dir, key="annotate", value=pinned)
     items = [(p, filtered[p.id].solution) for p in prompts if p.id in filtered and filtered[p.id].kept]
     client = ChatClient(ep, concurrency=settings.concurrency)
     try:
-        with ProgressLog(settings.output_dir / annotate_mod.PROGRESS_FILE, AnnotateRecord) as progress:
-            num = await annotate_mod.annotate(items, client, progress, attempts=settings.attempts, show=settings.show_progress)
+        with ProgressLog(settings.output_dir / annotate_mod.PROGRESS_FILE, cls=AnnotateRecord) as progress:
+            num = await annotate_mod.annotate(
+                items, client=client, progress=progress, attempts=settings.attempts, show=settings.show_progress
+            )
     finally:
         await client.close()
     return {"num_problems": num, "num_http_requests": client.num_requests, "num_retries": client.num_retries}
@@ -122,10 +124,10 @@ def _required(endpoint: Endpoint | None, stage: str, flags: str) -> Endpoint:
 
 
 # ------------------------------------------------------------------------------- output and report
-def final_rows(prompts: list[Prompt], out: Path) -> list[Prompt]:
+def final_rows(prompts: list[Prompt], *, out: Path) -> list[Prompt]:
     """The kept problems in input order, with their solution and annotations."""
-    filtered = read_records(out / filter_mod.PROGRESS_FILE, FilterRecord)
-    annotated = read_records(out / annotate_mod.PROGRESS_FILE, AnnotateRecord)
+    filtered = read_records(out / filter_mod.PROGRESS_FILE, cls=FilterRecord)
+    annotated = read_records(out / annotate_mod.PROGRESS_FILE, cls=AnnotateRecord)
     rows = []
     for p in prompts:
         f, a = filtered.get(p.id), annotated.get(p.id)
@@ -136,18 +138,24 @@ def final_rows(prompts: list[Prompt], out: Path) -> list[Prompt]:
     return rows
 
 
-def build_report(loaded: LoadResult, out: Path, *, input_path: str = "") -> dict:
+def build_report(loaded: LoadResult, *, out: Path, input_path: str = "") -> dict:
     """Counts per stage from the progress files (so they cover every run into this folder)."""
     ids = [p.id for p in loaded.prompts]
-    distilled = read_records(out / distill_mod.PROGRESS_FILE, DistillRecord)
-    filtered = read_records(out / filter_mod.PROGRESS_FILE, FilterRecord)
-    annotated = read_records(out / annotate_mod.PROGRESS_FILE, AnnotateRecord)
+    distilled = read_records(out / distill_mod.PROGRESS_FILE, cls=DistillRecord)
+    filtered = read_records(out / filter_mod.PROGRESS_FILE, cls=FilterRecord)
+    annotated = read_records(out / annotate_mod.PROGRESS_FILE, cls=AnnotateRecord)
     d = [distilled[i] for i in ids if i in distilled]
     f = [filtered[i] for i in ids if i in filtered]
     a = [annotated[i] for i in ids if i in annotated]
-    dropped = _dropped_items(loaded, filtered, annotated)
+    dropped = _dropped_items(loaded, filtered=filtered, annotated=annotated)
     report = {
-        "input": {"path": input_path, "format": loaded.source_format, "num_rows": len(ids) + len(loaded.skipped), "num_loaded": len(ids), "skipped": loaded.skip_counts()},
+        "input": {
+            "path": input_path,
+            "format": loaded.source_format,
+            "num_rows": len(ids) + len(loaded.skipped),
+            "num_loaded": len(ids),
+            "skipped": loaded.skip_counts(),
+        },
         "distill": {
             "num_ok": sum(r.status == "ok" for r in d),
             "num_error": sum(r.status == "error" for r in d),
@@ -156,7 +164,11 @@ def build_report(loaded: LoadResult, out: Path, *, input_path: str = "") -> dict
             "prompt_tokens": sum(r.prompt_tokens for r in d),
             "completion_tokens": sum(r.completion_tokens for r in d),
         },
-        "filter": {"num_kept": sum(r.kept for r in f), "num_dropped": dict(Counter(r.reason for r in f if not r.kept)), "num_correct_samples": sum(r.num_correct for r in f)},
+        "filter": {
+            "num_kept": sum(r.kept for r in f),
+            "num_dropped": dict(Counter(r.reason for r in f if not r.kept)),
+            "num_correct_samples": sum(r.num_correct for r in f),
+        },
         "annotate": {
             "num_ok": sum(r.status == "ok" for r in a),
             "num_invalid": sum(r.status == "invalid" for r in a),
@@ -172,7 +184,9 @@ def build_report(loaded: LoadResult, out: Path, *, input_path: str = "") -> dict
     return report
 
 
-def _dropped_items(loaded: LoadResult, filtered: dict[str, FilterRecord], annotated: dict[str, AnnotateRecord]) -> list[dict]:
+def _dropped_items(
+    loaded: LoadResult, *, filtered: dict[str, FilterRecord], annotated: dict[str, AnnotateRecord]
+) -> list[dict]:
     """Every input row that is not in the output, with the stage and reason that dropped it."""
     items = [{"id": s.id, "stage": "load", "reason": s.reason, "detail": s.detail} for s in loaded.skipped]
     for p in loaded.prompts:

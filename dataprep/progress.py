@@ -26,7 +26,7 @@ MANIFEST = "manifest.json"
 class ProgressLog(Generic[R]):
     """Per-item records of one stage, loaded on open and appended as items finish."""
 
-    def __init__(self, path: Path, cls: type[R]) -> None:
+    def __init__(self, path: Path, *, cls: type[R]) -> None:
         self.path, self.cls = path, cls
         self.records: dict[str, R] = {}
         if path.exists():
@@ -45,7 +45,9 @@ class ProgressLog(Generic[R]):
             try:
                 record = _from_plain(self.cls, json.loads(line))
             except (json.JSONDecodeError, TypeError) as e:
-                raise ValueError(f"{self.path}:{number}: unreadable progress line ({e}); delete the line or the file to redo it") from None
+                raise ValueError(
+                    f"{self.path}:{number}: unreadable progress line ({e}); delete the line or the file to redo it"
+                ) from None
             self.records[record.id] = record
 
     def append(self, record: R) -> None:
@@ -68,15 +70,22 @@ def _from_plain(cls: type[R], plain: dict) -> R:
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in plain.items() if k in names})
 
 
-def read_records(path: Path, cls: type[R]) -> dict[str, R]:
+def read_records(path: Path, *, cls: type[R]) -> dict[str, R]:
     """The records of a finished stage's progress file (empty if the stage never ran)."""
     if not path.exists():
         return {}
-    with ProgressLog(path, cls) as progress:
+    with ProgressLog(path, cls=cls) as progress:
         return dict(progress.records)
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
+def write_records(path: Path, *, records: list[Any]) -> None:
+    """Replace a progress file with these records at once (for the stages recomputed whole)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(dataclasses.asdict(r), ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, *, value: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
@@ -92,7 +101,7 @@ def item_hash(prompt: Prompt) -> str:
     return h.hexdigest()[:16]
 
 
-def check_inputs(output_dir: Path, prompts: list[Prompt]) -> None:
+def check_inputs(output_dir: Path, *, prompts: list[Prompt]) -> None:
     """Record the input's problems in the manifest, or raise if a recorded id now holds another problem.
 
     New ids are welcome (a run with `--limit 10` can grow into the full run in the same folder).
@@ -108,10 +117,10 @@ def check_inputs(output_dir: Path, prompts: list[Prompt]) -> None:
             f"use a new --output-dir for a new input"
         )
     manifest["inputs"] = recorded | hashes
-    write_json_atomic(path, manifest)
+    write_json_atomic(path, value=manifest)
 
 
-def check_manifest(output_dir: Path, key: str, value: dict) -> None:
+def check_manifest(output_dir: Path, *, key: str, value: dict) -> None:
     """Record `value` under `key` in the folder's manifest, or raise if it differs from what is there."""
     path = output_dir / MANIFEST
     manifest = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
@@ -122,12 +131,18 @@ def check_manifest(output_dir: Path, key: str, value: dict) -> None:
             f"rerun with the same settings to resume, or use a new --output-dir"
         )
     manifest[key] = value
-    write_json_atomic(path, manifest)
+    write_json_atomic(path, value=manifest)
 
 
 # ------------------------------------------------------------------------------------ item runner
 async def run_items(
-    items: list[Any], work: Callable[[Any], Awaitable[R]], progress: ProgressLog[R], *, desc: str, total: int, show: bool
+    items: list[Any],
+    *,
+    work: Callable[[Any], Awaitable[R]],
+    progress: ProgressLog[R],
+    desc: str,
+    total: int,
+    show: bool,
 ) -> None:
     """Run `work` on every item concurrently (the endpoint's semaphore bounds the requests), append
     each record the moment its item finishes, and show a bar with throughput and ETA.
@@ -137,7 +152,9 @@ async def run_items(
     """
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=total - len(items), desc=desc, unit="problem", disable=not show, dynamic_ncols=True, smoothing=0.05)
+    bar = tqdm(
+        total=total, initial=total - len(items), desc=desc, unit="problem", disable=not show, dynamic_ncols=True, smoothing=0.05
+    )
 
     async def one(item: Any) -> None:
         progress.append(await work(item))

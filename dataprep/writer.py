@@ -19,15 +19,15 @@ from pathlib import Path
 from replay.records import Prompt, render_annotations
 
 
-def write_dataset(prompts: list[Prompt], output_dir: Path, *, fmt: str = "parquet") -> Path:
+def write_dataset(prompts: list[Prompt], *, output_dir: Path, fmt: str = "parquet") -> Path:
     """Write the prompts (annotations and solution filled) as the training set; returns its path."""
     assert fmt in ("parquet", "jsonl"), fmt
     if fmt == "parquet":
-        return _write_parquet(prompts, output_dir / "dataset.parquet")
-    return _write_jsonl(prompts, output_dir)
+        return _write_parquet(prompts, path=output_dir / "dataset.parquet")
+    return _write_jsonl(prompts, output_dir=output_dir)
 
 
-def _write_parquet(prompts: list[Prompt], path: Path) -> Path:
+def _write_parquet(prompts: list[Prompt], *, path: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -58,7 +58,7 @@ def _write_parquet(prompts: list[Prompt], path: Path) -> Path:
     return path
 
 
-def _write_jsonl(prompts: list[Prompt], output_dir: Path) -> Path:
+def _write_jsonl(prompts: list[Prompt], *, output_dir: Path) -> Path:
     images = output_dir / "images"
     images.mkdir(exist_ok=True)
     path = output_dir / "dataset.jsonl"

@@ -234,7 +234,7 @@ def test_prepared_output_reads_back_identically(tmp_path, fmt):
         Prompt(id="geo3k-00001", index=0, problem="<image>Find x.", answer="12", image=image_bytes(1), annotations=("AB = 3", "AB ⟂ BC"), solution="<think>\na\n</think>"),
         Prompt(id="weird/id", index=1, problem="<image>Find y.", answer="4", image=image_bytes(2, "JPEG"), annotations=("CD = 4",)),
     ]
-    path = write_dataset(prompts, tmp_path, fmt=fmt)
+    path = write_dataset(prompts, output_dir=tmp_path, fmt=fmt)
     assert load_prompts(path) == prompts
     assert load_prompts(tmp_path) == prompts  # the output folder itself
     if fmt == "parquet":

@@ -113,7 +113,7 @@ def test_end_to_end_kept_set_reasons_annotations_and_tokens(tmp_path):
     loaded = read_prompts(data)
     script = MixedScript()
     with FakeOpenAI(script) as server:
-        report = asyncio.run(prepare(loaded, STAGES, settings(tmp_path / "out", server.url)))
+        report = asyncio.run(prepare(loaded, stages=STAGES, settings=settings(tmp_path / "out", server.url)))
         requests = list(server.requests)
 
     out = load_prompts(tmp_path / "out")
@@ -163,21 +163,21 @@ def all_right(request) -> Reply:
 def test_kill_and_rerun_requests_nothing_twice_and_matches_uninterrupted_run(tmp_path):
     loaded = read_prompts(write_input(tmp_path / "train.parquet", 12))
     with FakeOpenAI(all_right) as server:
-        asyncio.run(prepare(loaded, STAGES, settings(tmp_path / "baseline", server.url, concurrency=2)))
+        asyncio.run(prepare(loaded, stages=STAGES, settings=settings(tmp_path / "baseline", server.url, concurrency=2)))
         server.requests.clear()
         out = tmp_path / "resumed"
         # 1st run: killed during distillation
-        asyncio.run(run_until(prepare(loaded, STAGES, settings(out, server.url, concurrency=2)), out / "distill.jsonl", 4))
+        asyncio.run(run_until(prepare(loaded, stages=STAGES, settings=settings(out, server.url, concurrency=2)), out / "distill.jsonl", 4))
         distilled_first = set(json.loads(line)["id"] for line in (out / "distill.jsonl").read_text().splitlines())
         assert 4 <= len(distilled_first) < 12
         before = len(server.requests)
         # 2nd run: killed during annotation
-        asyncio.run(run_until(prepare(loaded, STAGES, settings(out, server.url, concurrency=2)), out / "annotate.jsonl", 3))
+        asyncio.run(run_until(prepare(loaded, stages=STAGES, settings=settings(out, server.url, concurrency=2)), out / "annotate.jsonl", 3))
         second = server.requests[before:]
         annotated_first = set(json.loads(line)["id"] for line in (out / "annotate.jsonl").read_text().splitlines())
         before = len(server.requests)
         # 3rd run: to the end
-        report = asyncio.run(prepare(loaded, STAGES, settings(out, server.url, concurrency=2)))
+        report = asyncio.run(prepare(loaded, stages=STAGES, settings=settings(out, server.url, concurrency=2)))
         third = server.requests[before:]
 
     assert not {f"p{problem_of(r)}" for r in second if r.num_images} & distilled_first
@@ -226,20 +226,20 @@ def test_rerun_with_other_settings_or_input_is_refused(tmp_path):
     loaded = read_prompts(write_input(tmp_path / "train.parquet", 2))
     out = tmp_path / "out"
     with FakeOpenAI(all_right) as server:
-        asyncio.run(prepare(loaded, ("distill",), settings(out, server.url)))
+        asyncio.run(prepare(loaded, stages=("distill",), settings=settings(out, server.url)))
         with pytest.raises(ValueError, match=r"other distill settings \(changed: \['samples'\]\)"):
-            asyncio.run(prepare(loaded, ("distill",), settings(out, server.url, samples=3)))
+            asyncio.run(prepare(loaded, stages=("distill",), settings=settings(out, server.url, samples=3)))
     changed = read_prompts(write_input(tmp_path / "other.parquet", 3))
     changed.prompts[0] = changed.prompts[0].__class__(**{**{f: getattr(changed.prompts[0], f) for f in changed.prompts[0].__slots__}, "answer": "77"})
     with pytest.raises(ValueError, match=r"started from another input: 1 problems changed \(e\.g\. \['p0'\]\)"):
-        asyncio.run(prepare(changed, ("filter",), settings(out, "http://unused")))
+        asyncio.run(prepare(changed, stages=("filter",), settings=settings(out, "http://unused")))
 
 
 def test_auth_failure_stops_the_stage_at_once(tmp_path):
     loaded = read_prompts(write_input(tmp_path / "train.parquet", 5))
     with FakeOpenAI(lambda request: Reply(status=401)) as server:
         with pytest.raises(FatalEndpointError, match="refused the request"):
-            asyncio.run(prepare(loaded, ("distill",), settings(tmp_path / "out", server.url, concurrency=1)))
+            asyncio.run(prepare(loaded, stages=("distill",), settings=settings(tmp_path / "out", server.url, concurrency=1)))
         assert len(server.requests) == 1
 
 
@@ -247,7 +247,7 @@ def test_synthetic_problems_pass_through(tmp_path):
     from dataprep.synthetic import make_problems
 
     prompts = make_problems(SyntheticData(num_problems=4, seed=3, image_size=64))
-    path = write_dataset([p.__class__(p.id, p.index, p.problem, p.answer, p.image) for p in prompts], tmp_path, fmt="jsonl")
+    path = write_dataset([p.__class__(p.id, p.index, p.problem, p.answer, p.image) for p in prompts], output_dir=tmp_path, fmt="jsonl")
     loaded = read_prompts(path)
     answers = {p.problem.replace("<image>", ""): p.answer for p in prompts}
 
@@ -258,7 +258,7 @@ def test_synthetic_problems_pass_through(tmp_path):
         return Reply('["a fact"]')
 
     with FakeOpenAI(script) as server:
-        report = asyncio.run(prepare(loaded, STAGES, settings(tmp_path / "out", server.url, samples=1)))
+        report = asyncio.run(prepare(loaded, stages=STAGES, settings=settings(tmp_path / "out", server.url, samples=1)))
     assert report["output"]["num_rows"] == 4
     assert [(p.id, p.answer) for p in load_prompts(tmp_path / "out")] == [(p.id, p.answer) for p in prompts]
 
@@ -303,20 +303,27 @@ def test_malformed_annotation_replies_are_rejected(reply, why):
 
 
 def test_accuracy_follows_the_spec_rule():
-    assert accuracy("<think>\nx\n</think>\n<answer>\n\\boxed{24}\n</answer>", "24") == 1.0
-    assert accuracy("<think>\n\\boxed{24}\n</think>\n<answer>\n\\boxed{25}\n</answer>", "24") == 0.0  # last boxed wins
-    assert accuracy("so the answer is 24", "24") == 1.0
-    assert accuracy("<answer>\\frac{1}{2}</answer>", "0.5") == 1.0  # one-line answer tags are stripped
+    assert accuracy("<think>\nx\n</think>\n<answer>\n\\boxed{24}\n</answer>", ground_truth="24") == 1.0
+    assert accuracy("<think>\n\\boxed{24}\n</think>\n<answer>\n\\boxed{25}\n</answer>", ground_truth="24") == 0.0  # last boxed wins
+    assert accuracy("so the answer is 24", ground_truth="24") == 1.0
+    assert accuracy("<answer>\\frac{1}{2}</answer>", ground_truth="0.5") == 1.0  # one-line answer tags are stripped
 
 
 def test_progress_log_drops_a_line_cut_short(tmp_path):
     path = tmp_path / "distill.jsonl"
     record = DistillRecord("a", "ok", ("s",), ("stop",), (), 1, 2)
-    with ProgressLog(path, DistillRecord) as log:
+    with ProgressLog(path, cls=DistillRecord) as log:
         log.append(record)
     with open(path, "a") as f:
         f.write('{"id": "b", "status": "o')  # a crash mid-write
-    with ProgressLog(path, DistillRecord) as log:
+    with ProgressLog(path, cls=DistillRecord) as log:
         assert log.records == {"a": record}
         log.append(DistillRecord("c", "error", (), (), ("timed out",), 0, 0))
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "c"]
+
+
+def test_accuracy_works_off_the_main_thread():
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(accuracy, "<answer>\n\\boxed{24}\n</answer>", ground_truth="24").result() == 1.0
