@@ -56,7 +56,8 @@ class TinyModel(Section):
     hidden_size: int = Field(128, ge=16)
     num_layers: int = Field(2, ge=1)
     vocab_size: int = Field(1024, ge=300)
-    """Size of the BPE vocabulary trained on the spot on synthetic geometry text."""
+    """Upper bound on the BPE vocabulary trained on synthetic geometry text (the corpus needs ~555 tokens;
+    the model's vocabulary equals the tokenizer's)."""
     seed: int = 0
     """Seed for the random weights."""
 

@@ -10,11 +10,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> str:
+def tiny_model_path(tmp_path_factory):
+    """The default tiny Qwen2.5-VL, built once per test session (a Path)."""
     from perception_r1.config import TinyModel
     from perception_r1.tiny_model import build_tiny_model
 
-    return str(build_tiny_model(TinyModel(cache_dir=str(tmp_path_factory.mktemp("tiny")))))
+    return build_tiny_model(TinyModel(cache_dir=str(tmp_path_factory.getbasetemp() / "tiny-model-cache")))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model_path) -> str:
+    return str(tiny_model_path)
 
 
 @pytest.fixture(scope="module")

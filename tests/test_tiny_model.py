@@ -14,11 +14,6 @@ from perception_r1.tiny_model import MARKER, build_tiny_model, config_hash, mode
 from perception_r1.vl import CpuQwen2_5_VLProcessor, build_messages, load_processor
 
 
-@pytest.fixture(scope="session")
-def tiny_model_path(tmp_path_factory):
-    return build_tiny_model(TinyModel(cache_dir=str(tmp_path_factory.getbasetemp() / "tiny-model-cache")))
-
-
 def test_build_is_cached_and_atomic(tmp_path):
     cfg = TinyModel(cache_dir=str(tmp_path))
     path = build_tiny_model(cfg)

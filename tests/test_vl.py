@@ -17,11 +17,6 @@ from replay.records import Prompt
 MIN, MAX = 3136, 1806336  # spec §2
 
 
-@pytest.fixture(scope="session")
-def tiny_model_path(tmp_path_factory):
-    return build_tiny_model(TinyModel(cache_dir=str(tmp_path_factory.getbasetemp() / "tiny-model-cache")))
-
-
 @pytest.fixture(scope="module")
 def model_and_processor(tiny_model_path):
     torch.manual_seed(0)
