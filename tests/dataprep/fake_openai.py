@@ -32,6 +32,8 @@ class Request:
     """Every text part of every message, joined by newlines."""
     num_images: int
     image_urls: tuple[str, ...]
+    authorization: str = ""
+    """The Authorization header as received."""
 
 
 class FakeOpenAI:
@@ -56,7 +58,7 @@ class FakeOpenAI:
         self._server.shutdown()
         self._server.server_close()
 
-    def _record(self, body: dict) -> Request:
+    def _record(self, body: dict, authorization: str) -> Request:
         texts, urls = [], []
         for message in body.get("messages", []):
             content = message.get("content")
@@ -66,7 +68,7 @@ class FakeOpenAI:
                     texts.append(part["text"])
                 elif part.get("type") == "image_url":
                     urls.append(part["image_url"]["url"])
-        request = Request(body.get("model", ""), "\n".join(texts), len(urls), tuple(urls))
+        request = Request(body.get("model", ""), "\n".join(texts), len(urls), tuple(urls), authorization)
         with self._lock:
             self.requests.append(request)
         return request
@@ -83,7 +85,7 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
             if not self.path.endswith("/chat/completions"):
                 return self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
-            reply = fake.script(fake._record(body))
+            reply = fake.script(fake._record(body, self.headers.get("Authorization", "")))
             time.sleep(reply.delay_s)
             if reply.status != 200:
                 return self._send(reply.status, {"error": {"message": "scripted failure", "type": "server_error"}})

@@ -200,9 +200,10 @@ def test_ctrl_c_on_the_cli_then_rerun(tmp_path):
         command = [
             sys.executable, "-m", "perception_r1.cli", "prepare-data", "all", "--input", str(data), "--output-dir", str(out),
             "--teacher-url", server.url, "--teacher-model", "t", "--text-url", server.url, "--text-model", "x",
-            "--samples", "1", "--concurrency", "1", "--timeout", "10", "--no-progress",
+            "--samples", "1", "--concurrency", "1", "--timeout", "10", "--no-progress", "--teacher-key-env", "DATAPREP_TEST_KEY",
         ]
-        proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env = os.environ | {"DATAPREP_TEST_KEY": "sk-secret-4711"}
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         while not ((out / "distill.jsonl").exists() and (out / "distill.jsonl").read_text().count("\n") >= 2):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -213,11 +214,15 @@ def test_ctrl_c_on_the_cli_then_rerun(tmp_path):
         assert "rerun the same command to resume" in stderr
         finished = {json.loads(line)["id"] for line in (out / "distill.jsonl").read_text().splitlines()}
         before = len(server.requests)
-        rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+        rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         assert rerun.returncode == 0, rerun.stderr
         second = server.requests[before:]
 
     assert "output    8 rows" in rerun.stdout
+    # the key went to the teacher only, and nowhere on disk or in the console
+    assert {r.authorization for r in second} == {"Bearer sk-secret-4711", "Bearer EMPTY"}
+    assert not [f for f in out.rglob("*") if f.is_file() and b"sk-secret-4711" in f.read_bytes()]
+    assert "sk-secret-4711" not in rerun.stdout + rerun.stderr + stderr
     assert not {f"p{problem_of(r)}" for r in second if r.num_images} & finished
     assert len(load_prompts(out)) == 8
 
