@@ -71,9 +71,8 @@ class ChatClient:
         from openai import AsyncOpenAI
 
         self.endpoint = endpoint
-        self._client = AsyncOpenAI(
-            base_url=endpoint.base_url, api_key=endpoint.api_key(), max_retries=0, timeout=endpoint.timeout_s
-        )
+        self._key = endpoint.api_key()
+        self._client = AsyncOpenAI(base_url=endpoint.base_url, api_key=self._key, max_retries=0, timeout=endpoint.timeout_s)
         self._slots = asyncio.Semaphore(concurrency)
         self._rng = random.Random(seed)
         self.num_requests = 0
@@ -98,12 +97,12 @@ class ChatClient:
                         )
                 return _reply(response)
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-                self._fatal = FatalEndpointError(f"{ep.base_url} (model {ep.model}) refused the request: {_describe(e)}")
+                self._fatal = FatalEndpointError(f"{ep.base_url} (model {ep.model}) refused the request: {self._describe(e)}")
                 raise self._fatal from None
             except (openai.BadRequestError, openai.UnprocessableEntityError) as e:  # this item's request is bad
-                raise RequestFailed(f"rejected: {_describe(e)}") from None
+                raise RequestFailed(f"rejected: {self._describe(e)}") from None
             except (TimeoutError, openai.APIError, _EmptyReply) as e:
-                error = _describe(e)
+                error = self._describe(e)
             if attempt + 1 < ep.max_attempts:
                 self.num_retries += 1
                 await asyncio.sleep(self._rng.uniform(0, min(60.0, ep.backoff_s * 2**attempt)))
@@ -111,6 +110,14 @@ class ChatClient:
 
     async def close(self) -> None:
         await self._client.close()
+
+    def _describe(self, error: BaseException) -> str:
+        """A short account of a failure, with the API key masked should the server echo it."""
+        if isinstance(error, TimeoutError):
+            return "timed out"
+        status = getattr(error, "status_code", None)
+        text = str(error).replace(self._key, "***") if self._key != "EMPTY" else str(error)
+        return f"{type(error).__name__}{f' {status}' if status else ''}: {text[:200]}"
 
 
 class _EmptyReply(Exception):
@@ -127,13 +134,6 @@ def _reply(response) -> ChatReply:
         prompt_tokens=(usage.prompt_tokens or 0) if usage else 0,
         completion_tokens=(usage.completion_tokens or 0) if usage else 0,
     )
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, TimeoutError):
-        return "timed out"
-    status = getattr(error, "status_code", None)
-    return f"{type(error).__name__}{f' {status}' if status else ''}: {str(error)[:200]}"
 
 
 def image_data_url(image: bytes) -> str:
