@@ -36,6 +36,8 @@ REPORT_FILE = "report.json"
 
 @dataclass(frozen=True)
 class Settings:
+    """How to run the stages (the CLI builds it from its flags)."""
+
     output_dir: Path
     teacher: Endpoint | None = None
     """The multimodal teacher (distill); None when that stage does not run."""
@@ -66,11 +68,13 @@ async def prepare(loaded: LoadResult, *, stages: Sequence[str], settings: Settin
     if "annotate" in stages:
         this_run["annotate"] = await run_annotate(loaded.prompts, settings=settings)
     report = build_report(loaded, out=out, input_path=input_path) | {"this_run": this_run}
-    if "write" in stages:
-        rows = final_rows(loaded.prompts, out=out)
+    rows = final_rows(loaded.prompts, out=out) if "write" in stages else []
+    if rows:
         path = write_dataset(rows, output_dir=out, fmt=settings.output_format)
         report["output"] = {"path": str(path), "num_rows": len(rows)}
     write_json_atomic(out / REPORT_FILE, value=report)
+    if "write" in stages and not rows:
+        raise ValueError(f"no problem survived every stage; {out / REPORT_FILE} says why each was dropped")
     return report
 
 
@@ -133,8 +137,6 @@ def final_rows(prompts: list[Prompt], *, out: Path) -> list[Prompt]:
         f, a = filtered.get(p.id), annotated.get(p.id)
         if f is not None and f.kept and a is not None and a.status == "ok":
             rows.append(dataclasses.replace(p, index=len(rows), solution=f.solution, annotations=a.annotations))
-    if not rows:
-        raise ValueError(f"no problem survived every stage in {out}; see {REPORT_FILE} for why each was dropped")
     return rows
 
 

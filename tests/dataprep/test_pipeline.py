@@ -332,3 +332,13 @@ def test_accuracy_works_off_the_main_thread():
 
     with ThreadPoolExecutor(1) as pool:
         assert pool.submit(accuracy, "<answer>\n\\boxed{24}\n</answer>", ground_truth="24").result() == 1.0
+
+
+def test_nothing_kept_is_an_error_after_the_report_is_written(tmp_path):
+    loaded = read_prompts(write_input(tmp_path / "train.parquet", 2))
+    with FakeOpenAI(lambda request: Reply(cot(problem_of(request), 0))) as server:  # every answer wrong
+        with pytest.raises(ValueError, match="no problem survived every stage"):
+            asyncio.run(prepare(loaded, stages=STAGES, settings=settings(tmp_path / "out", server.url)))
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["dropped"] == {"no_correct_sample": 2} and "output" not in report
+    assert not (tmp_path / "out" / "dataset.parquet").exists()
