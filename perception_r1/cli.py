@@ -11,7 +11,7 @@ import sys
 
 SUBCOMMANDS = {
     "train": ("perception_r1.train_cmd", "run the asynchronous actor-learner GRPO training job"),
-    "sft": ("learner.sft_cmd", "supervised warm start on worked solutions"),
+    "sft": ("perception_r1.sft_cmd", "supervised warm start on worked solutions"),
     "prepare-data": ("dataprep.cli", "CoT distillation, accuracy filter, visual-annotation extraction"),
     "eval": ("evaluation.cli", "evaluate a model on multimodal math benchmarks"),
     "mcnemar": ("evaluation.mcnemar_cmd", "exact McNemar test between two evaluation JSONL files"),

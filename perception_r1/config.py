@@ -298,6 +298,23 @@ class SyncConfig(Section):
     """Size of the flat buffers the weights are packed into for broadcast."""
 
 
+class SFTConfig(Section):
+    """Supervised warm start on worked solutions (`Prompt.solution`) before GRPO; cached on disk."""
+
+    enabled: bool = False
+    """Run SFT first (the `train` command) and start GRPO from its weights."""
+    num_steps: int = Field(100, ge=1)
+    batch_size: int = Field(16, ge=1)
+    """Solutions per optimizer step."""
+    lr: float = Field(1e-3, gt=0.0)
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    train_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    """Fraction of the dataset's problems whose solutions are shown (the rest stay unseen until GRPO)."""
+    output_dir: str | None = None
+    """Where the warm-started model is saved (None: `<run.output_dir>/sft-<hash of model, data and sft>`)."""
+
+
 class TrackingConfig(Section):
     mlflow_uri: str | None = None
     """mlflow tracking URI. None: `MLFLOW_TRACKING_URI` if set, else `sqlite:///mlruns.db` in the working dir."""
@@ -324,6 +341,7 @@ class Config(Section):
     buffer: BufferConfig = BufferConfig()
     learner: LearnerConfig = LearnerConfig()
     sync: SyncConfig = SyncConfig()
+    sft: SFTConfig = SFTConfig()
     tracking: TrackingConfig = TrackingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 

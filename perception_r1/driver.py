@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import json
 import logging
 import os
 import signal
@@ -42,6 +44,27 @@ def resolve_model(cfg: Config) -> str:
         raise ValueError(f"model.path {path} is not a model folder (no config.json); point it at a local "
                          "copy of the model (nothing is downloaded at run time)")
     return str(path)
+
+
+def warm_start(cfg: Config, model_path: str, prompts: list) -> str:
+    """Run (or reuse) the SFT stage; returns the folder GRPO starts from."""
+    from learner.sft import run_sft
+
+    out = sft_dir(cfg)
+    summary = run_sft(model_path, cfg=cfg.sft, data=cfg.data, prompts=prompts, out=out, seed=cfg.run.seed,
+                      max_tokens_per_micro_batch=cfg.learner.max_tokens_per_micro_batch,
+                      progress=cfg.tracking.progress_bar)
+    log.info("sft warm start %s: %d examples, loss %.3f -> %.3f", out, summary["num_examples"],
+             summary["first_loss"], summary["final_loss"])
+    return str(out)
+
+
+def sft_dir(cfg: Config) -> Path:
+    if cfg.sft.output_dir:
+        return Path(cfg.sft.output_dir)
+    key = json.dumps([cfg.model.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
+                      cfg.sft.model_dump(mode="json"), cfg.run.seed], sort_keys=True)
+    return Path(cfg.run.output_dir) / f"sft-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def load_prompts(cfg: Config) -> list:
@@ -142,6 +165,8 @@ def train(cfg: Config, *, resume: bool = False) -> RunResult:
     (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     model_path = resolve_model(cfg)
     prompts = load_prompts(cfg)
+    if cfg.sft.enabled:
+        model_path = warm_start(cfg, model_path, prompts)
     restored = _find_resume(run_dir) if resume else None
     init_ray(cfg)
     try:
