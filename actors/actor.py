@@ -63,11 +63,14 @@ class GenerationActor:
         return self.engine.version
 
     @ray.method(concurrency_group="generate")
-    def weights_digest(self, apply_staged: bool = True) -> tuple[int, str]:
-        """(version, digest) of the engine's weights, after applying staged ones (a safe point)."""
-        if apply_staged:
-            self.engine.apply_staged_weights()
-        return self.engine.version, self.engine.weights_digest()
+    def weight_samples(self, suffixes: Sequence[str]) -> tuple[int, dict[str, list]]:
+        """(version, weight corners) after applying staged weights (a safe point)."""
+        self.engine.apply_staged_weights()
+        return self.engine.version, self.engine.weight_samples(suffixes)
+
+    @ray.method(concurrency_group="sync")
+    def sync_ranks(self) -> int:
+        return self.engine.sync_ranks
 
     @ray.method(concurrency_group="sync")
     def pid(self) -> int:

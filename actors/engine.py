@@ -43,5 +43,10 @@ class Engine(Protocol):
     def apply_staged_weights(self) -> bool:
         """At a safe point: swap in weights received since the last call. True if the version changed."""
 
-    def weights_digest(self) -> str:
-        """`replay.weights.digest` of the weights generate() uses now (after a sync it equals the learner's)."""
+    def weight_samples(self, suffixes: Sequence[str]) -> dict[str, list]:
+        """`replay.weights.weight_corners` of the engine's weights by (HF) name suffix: after a sync
+        they equal the learner's (health checks and tests)."""
+
+    @property
+    def sync_ranks(self) -> int:
+        """Ranks this engine takes in the weight broadcast group (its tensor-parallel workers)."""

@@ -18,7 +18,7 @@ from actors.engine import Sampling
 from perception_r1 import vl
 from perception_r1.config import DataConfig
 from replay.records import Prompt, Rollout, RolloutGroup, WeightGroupSpec, WeightManifest
-from replay.weights import digest, open_group, receive
+from replay.weights import digest, open_group, receive, weight_corners
 
 
 class HFEngine:
@@ -103,4 +103,12 @@ class HFEngine:
         return True
 
     def weights_digest(self) -> str:
+        """`replay.weights.digest` of every weight (bit-exact comparison with the learner's)."""
         return digest(self.model.state_dict().items())
+
+    def weight_samples(self, suffixes: Sequence[str]) -> dict[str, list]:
+        return weight_corners(self.model.state_dict().items(), suffixes)
+
+    @property
+    def sync_ranks(self) -> int:
+        return 1

@@ -1,6 +1,10 @@
 """The sending end of weight sync: learner rank 0 and every generation actor form one broadcast
-group (gloo on CPU, NCCL on GPU); all learner ranks gather full parameters from their FSDP shards
-bucket by bucket, rank 0 broadcasts them, and the actors stage them for their next safe point.
+group; all learner ranks gather full parameters from their FSDP shards tensor by tensor, rank 0
+broadcasts them in buckets, and each actor applies them (HF: at its next safe point; vLLM: pausing
+scheduling for the swap). Two wires, one protocol:
+- `torch`: replay/weights.py over a standalone gloo (CPU) or NCCL process group, HF engines;
+- `vllm`: vLLM's own NCCL weight-transfer group (replay/vllm_compat.py), vLLM engines, whose
+  tensor-parallel workers each take a rank.
 
 A collective that does not finish in `timeout_s` raises an error naming the actors that did not
 answer; a hung sync never hangs the run silently.
@@ -15,7 +19,7 @@ import ray
 import torch
 from torch.distributed.tensor import DTensor
 
-from replay.records import WeightGroupSpec
+from replay.records import WeightGroupSpec, WeightManifest
 from replay.weights import free_port, make_manifest, node_ip, open_group, send
 
 
@@ -27,8 +31,9 @@ class WeightBroadcaster:
     """Created on every learner rank; only rank 0 talks to the actors."""
 
     def __init__(self, *, receivers: Sequence, rank: int, backend: str, timeout_s: float,
-                 bucket_bytes: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.receivers, self.rank, self.backend = list(receivers), rank, backend
+                 bucket_bytes: int, dtype: torch.dtype, device: torch.device, transport: str = "torch") -> None:
+        assert transport in ("torch", "vllm"), transport
+        self.receivers, self.rank, self.backend, self.transport = list(receivers), rank, backend, transport
         self.timeout_s, self.bucket_bytes, self.dtype, self.device = timeout_s, bucket_bytes, dtype, device
         self.group = None
 
@@ -37,11 +42,18 @@ class WeightBroadcaster:
         if self.rank != 0 or not self.receivers:
             return 0.0
         start = time.perf_counter()
-        host, port, world = node_ip(), free_port(), len(self.receivers) + 1
-        refs = [r.join_weight_group.remote(WeightGroupSpec(host, port, i + 1, world, self.backend, self.timeout_s))
-                for i, r in enumerate(self.receivers)]
-        self.group = open_group(backend=self.backend, host=host, port=port, rank=0, world_size=world,
-                                timeout_s=self.timeout_s)
+        ranks = ray.get([r.sync_ranks.remote() for r in self.receivers])
+        offsets = [1 + sum(ranks[:i]) for i in range(len(ranks))]
+        host, port, world = node_ip(), free_port(), 1 + sum(ranks)
+        refs = [r.join_weight_group.remote(WeightGroupSpec(host, port, offset, world, self.backend, self.timeout_s))
+                for r, offset in zip(self.receivers, offsets)]
+        if self.transport == "vllm":
+            from replay import vllm_compat
+
+            self.group = vllm_compat.trainer_join_group(host=host, port=port, world_size=world)
+        else:
+            self.group = open_group(backend=self.backend, host=host, port=port, rank=0, world_size=world,
+                                    timeout_s=self.timeout_s)
         self._wait(refs, what="join the weight broadcast group")
         return time.perf_counter() - start
 
@@ -57,9 +69,26 @@ class WeightBroadcaster:
                 pass
             return time.perf_counter() - start, 0
         refs = [r.receive_weights.remote(manifest) for r in self.receivers]
-        sent = send(self.group, manifest, tensors, device=self.device, timeout_s=self.timeout_s)
+        if self.transport == "vllm":
+            sent = self._send_vllm(manifest, tensors)
+        else:
+            sent = send(self.group, manifest, tensors, device=self.device, timeout_s=self.timeout_s)
         self._wait(refs, what=f"receive weights of version {version}")
         return time.perf_counter() - start, sent
+
+    def _send_vllm(self, manifest: WeightManifest, tensors) -> int:
+        from replay import vllm_compat
+
+        sent = 0
+
+        def named():
+            nonlocal sent
+            for name, t in zip(manifest.names, tensors):
+                sent += t.numel() * t.element_size()
+                yield name, t.to(self.device)
+
+        vllm_compat.trainer_send(self.group, named(), packed_buffer_bytes=manifest.bucket_bytes)
+        return sent
 
     def _wait(self, refs: list, *, what: str) -> None:
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)

@@ -41,6 +41,8 @@ class LearnerWiring:
     """A `ray.util.queue.Queue` the driver reads LearnerStepRecords from."""
     checkpoint_root: str
     resume_from: str | None = None
+    weight_transport: str = "torch"
+    """`vllm` when the generation actors run vLLM engines (their NCCL weight-transfer group), else `torch`."""
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -54,7 +56,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     version = _restore(learner, wiring.resume_from)
     sync = WeightBroadcaster(
         receivers=wiring.actors, rank=rank, backend=_backend(cfg, device), timeout_s=cfg.sync.timeout_s,
-        bucket_bytes=cfg.sync.bucket_mb << 20, dtype=getattr(torch, cfg.learner.dtype), device=device)
+        bucket_bytes=cfg.sync.bucket_mb << 20, dtype=getattr(torch, cfg.learner.dtype), device=device,
+        transport=wiring.weight_transport)
     connect_s = sync.connect()
     sync_s, _ = sync.broadcast(learner.model, version=version)
     if rank == 0:

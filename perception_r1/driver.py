@@ -101,8 +101,10 @@ def build_actors(cfg: Config, model_path: str) -> list:
     actors = []
     for i in range(r.num_actors):
         build = functools.partial(build_engine, cfg=cfg, model_path=model_path)
+        concurrency = {"generate": 1 if isinstance(r.engine, HFEngine) else r.max_inflight_per_actor, "sync": 1}
         actors.append(GenerationActor.options(num_gpus=r.num_gpus_per_actor, max_restarts=r.max_restarts,
-                                              name=f"generator-{i}", max_task_retries=0)
+                                              name=f"generator-{i}", max_task_retries=0,
+                                              concurrency_groups=concurrency)
                       .remote(actor_id=i, build_engine=build, sampling=sampling))
     return actors
 
@@ -202,7 +204,8 @@ def _run(cfg: Config, *, model_path: str, prompts: list, run_dir: Path, restored
     sinks, mlflow_sink = build_sinks(cfg, run_dir, resume=restored is not None)
     wiring = LearnerWiring(config=cfg.model_dump(mode="json"), model_path=model_path, buffer=buffer,
                            actors=actors, reports=reports, checkpoint_root=str((run_dir / "checkpoints").resolve()),
-                           resume_from=str(ckpt_path) if ckpt_path else None)
+                           resume_from=str(ckpt_path) if ckpt_path else None,
+                           weight_transport="torch" if isinstance(cfg.rollout.engine, HFEngine) else "vllm")
     session = Session(cfg, stream=stream, actors=actors, judge=judge, buffer=buffer, reports=reports, sinks=sinks,
                       start_version=state.version if state else 0, buffered=state.buffered if state else [])
     trainer = build_trainer(cfg, wiring, run_dir)

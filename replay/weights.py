@@ -109,6 +109,19 @@ def digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
+def weight_corners(named: Iterable[tuple[str, torch.Tensor]], suffixes: Iterable[str]) -> dict[str, list]:
+    """{suffix: first and last 16 values} of the one tensor whose name ends with each suffix (skipped
+    when none or several match): cheap to compare across processes after a sync."""
+    items = list(named)
+    out = {}
+    for suffix in suffixes:
+        hits = [t for n, t in items if n.endswith(suffix)]
+        if len(hits) == 1:
+            flat = hits[0].detach().reshape(-1).float().cpu()
+            out[suffix] = torch.cat([flat[:16], flat[-16:]]).tolist()
+    return out
+
+
 def _broadcast(group: dist.ProcessGroup, flat: torch.Tensor, timeout_s: float) -> None:
     opts = dist.BroadcastOptions()
     opts.rootRank = 0

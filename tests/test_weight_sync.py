@@ -16,7 +16,7 @@ def test_broadcast_makes_actor_weights_equal_learner(ray_cluster, tiny_model_dir
     from learner.sync import WeightBroadcaster
     from perception_r1.driver import build_engine
     from perception_r1.config import parse_config
-    from replay.weights import digest
+    from replay.weights import weight_corners
 
     cfg = parse_config({"model": {"type": "pretrained", "path": tiny_model_dir}})
     build = functools.partial(build_engine, cfg=cfg, model_path=tiny_model_dir)
@@ -29,13 +29,15 @@ def test_broadcast_makes_actor_weights_equal_learner(ray_cluster, tiny_model_dir
     with torch.no_grad():  # the learner "trains": every tensor changes
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    learner_digest = digest(model.state_dict().items())
-    before = ray_cluster.get([a.weights_digest.remote() for a in actors])
-    assert all(d != learner_digest and v == 0 for v, d in before)
+    names = list(model.state_dict())
+    expected = weight_corners(model.state_dict().items(), names)
+    assert len(expected) == len(names)  # every tensor is compared
+    before = ray_cluster.get([a.weight_samples.remote(names) for a in actors])
+    assert all(v == 0 and samples != expected for v, samples in before)
 
     seconds, nbytes = sender.broadcast(model, version=1)
 
-    after = ray_cluster.get([a.weights_digest.remote() for a in actors])
-    assert after == [(1, learner_digest)] * 2
+    after = ray_cluster.get([a.weight_samples.remote(names) for a in actors])
+    assert after == [(1, expected)] * 2
     assert nbytes == sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert seconds > 0
