@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N problems (a trial; grow it later in the same folder)")
     parser.add_argument("--on-bad-row", choices=["skip", "raise"], default="skip", help="skip bad input rows (reported) or stop at the first")
     parser.add_argument("--format", choices=["parquet", "jsonl"], default="parquet", help="dataset.parquet, or dataset.jsonl + images/")
+    parser.add_argument(
+        "--answer-mode", choices=["faithful", "wrap"], default="faithful",
+        help="filter: parse ground truths raw as upstream (faithful), or inside $...$ so bare LaTeX like 4\\sqrt{3} verifies (wrap)",
+    )
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight per endpoint")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     parser.add_argument("--max-attempts", type=int, default=4, help="tries per request (timeouts, 5xx, 429, connection errors)")
@@ -125,6 +129,7 @@ def _settings(args: argparse.Namespace, stages: tuple[str, ...]):
         samples=args.samples,
         concurrency=args.concurrency,
         attempts=args.json_attempts,
+        answer_mode=args.answer_mode,
         output_format=args.format,
         show_progress=not args.no_progress,
     )

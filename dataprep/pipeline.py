@@ -23,7 +23,7 @@ from dataprep import distill as distill_mod
 from dataprep import filter as filter_mod
 from dataprep.annotate import AnnotateRecord
 from dataprep.distill import DistillRecord
-from dataprep.filter import FilterRecord
+from dataprep.filter import AnswerMode, FilterRecord
 from dataprep.loaders import LoadResult
 from dataprep.openai_calls import ChatClient, Endpoint
 from dataprep.progress import ProgressLog, check_inputs, check_manifest, read_records, write_json_atomic, write_records
@@ -49,6 +49,8 @@ class Settings:
     """Requests in flight per endpoint."""
     attempts: int = 3
     """Extraction requests per problem until a reply holds a valid JSON list."""
+    answer_mode: AnswerMode = "faithful"
+    """How the filter parses ground truths (`dataprep.filter.accuracy`)."""
     output_format: str = "parquet"
     show_progress: bool = True
 
@@ -65,6 +67,7 @@ async def prepare(loaded: LoadResult, *, stages: Sequence[str], settings: Settin
         this_run["distill"] = await run_distill(loaded.prompts, settings=settings)
     if "filter" in stages:
         run_filter(loaded.prompts, settings=settings)
+        this_run["filter"] = {"answer_mode": settings.answer_mode}
     if "annotate" in stages:
         this_run["annotate"] = await run_annotate(loaded.prompts, settings=settings)
     report = build_report(loaded, out=out, input_path=input_path) | {"this_run": this_run}
@@ -97,7 +100,7 @@ def run_filter(prompts: list[Prompt], *, settings: Settings) -> list[FilterRecor
     distilled = read_records(settings.output_dir / distill_mod.PROGRESS_FILE, cls=DistillRecord)
     if not distilled:
         raise ValueError(f"{settings.output_dir} has no {distill_mod.PROGRESS_FILE}; run the distill stage first")
-    records = filter_mod.filter_all(prompts, distilled=distilled)
+    records = filter_mod.filter_all(prompts, distilled=distilled, mode=settings.answer_mode)
     write_records(settings.output_dir / filter_mod.PROGRESS_FILE, records=records)
     return records
 

@@ -87,7 +87,7 @@ class MixedScript:
         if k == 3 and n == 1:
             return Reply(status=500)  # a transient server error, retried
         if k == 4 and n == 1:
-            return Reply(cot(k, 14), delay_s=1.0)  # slower than the client's timeout, retried
+            return Reply(cot(k, 14), delay_s=6.0)  # slower than the client's timeout, retried
         if k == 5:
             return Reply(status=500)  # never recovers
         return Reply(cot(k, 10 + k))
@@ -102,7 +102,8 @@ class MixedScript:
         return Reply("I think AB = 3.")  # k == 4: never JSON
 
 
-def settings(out: Path, url: str, *, samples: int = 2, concurrency: int = 8, timeout_s: float = 0.5) -> Settings:
+def settings(out: Path, url: str, *, samples: int = 2, concurrency: int = 8, timeout_s: float = 2.0) -> Settings:
+    """Fast retries; a timeout generous enough for a loaded test machine, short enough to wait out."""
     teacher = Endpoint(url, "teacher", max_attempts=2, backoff_s=0.01, timeout_s=timeout_s)
     extractor = Endpoint(url, "extractor", temperature=0.3, max_attempts=2, backoff_s=0.01, timeout_s=timeout_s)
     return Settings(out, teacher=teacher, extractor=extractor, samples=samples, concurrency=concurrency, show_progress=False)
@@ -312,6 +313,9 @@ def test_accuracy_follows_the_spec_rule():
     assert accuracy("<think>\n\\boxed{24}\n</think>\n<answer>\n\\boxed{25}\n</answer>", ground_truth="24") == 0.0  # last boxed wins
     assert accuracy("so the answer is 24", ground_truth="24") == 1.0
     assert accuracy("<answer>\\frac{1}{2}</answer>", ground_truth="0.5") == 1.0  # one-line answer tags are stripped
+    assert accuracy("\\boxed{4\\sqrt{3}}", ground_truth="4\\sqrt{3}") == 0.0  # raw bare LaTeX parses as 4 (spec §3.2)
+    assert accuracy("\\boxed{4\\sqrt{3}}", ground_truth="4\\sqrt{3}", mode="wrap") == 1.0
+    assert accuracy("\\boxed{4}", ground_truth="4\\sqrt{3}", mode="wrap") == 0.0
 
 
 def test_progress_log_drops_a_line_cut_short(tmp_path):
@@ -342,3 +346,41 @@ def test_nothing_kept_is_an_error_after_the_report_is_written(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["dropped"] == {"no_correct_sample": 2} and "output" not in report
     assert not (tmp_path / "out" / "dataset.parquet").exists()
+
+
+def test_geometry3k_folders_through_the_cli_to_jsonl(tmp_path, capsys):
+    split = tmp_path / "geometry3k" / "train"
+    problems = {0: ("Find x.", "B", ["5", "12", "13", "26"]), 1: ("Find the area.", "D", ["1", "2", "3", "4\\sqrt{3}"])}
+    for pid, (text, letter, choices) in problems.items():
+        (split / str(pid)).mkdir(parents=True)
+        (split / str(pid) / "data.json").write_text(json.dumps({"problem_text": text, "choices": choices, "answer": letter}))
+        (split / str(pid) / "img_diagram.png").write_bytes(png(pid))
+    answers = {"Find x.": "12", "Find the area.": "4\\sqrt{3}"}
+
+    def script(request) -> Reply:
+        if request.num_images:
+            answer = answers[request.text.removesuffix(f" {FORMAT_PROMPT}")]
+            return Reply(f"<think>\nsolve\n</think>\n<answer>\n\\boxed{{{answer}}}\n</answer>")
+        return Reply('["AB = 5", "AB ⟂ BC"]')
+
+    with FakeOpenAI(script) as server:
+        argv = ["prepare-data", "all", "--input", str(split), "--output-dir", str(tmp_path / "out"), "--format", "jsonl",
+                "--teacher-url", server.url, "--teacher-model", "t", "--text-url", server.url, "--text-model", "x", "--no-progress"]
+        assert cli_main(argv) == 0
+        # the faithful rule (spec §3.2) mis-parses the bare-LaTeX ground truth 4\sqrt{3} as 4: dropped
+        assert "output    1 rows" in capsys.readouterr().out
+        assert [p.id for p in load_prompts(tmp_path / "out")] == ["geo3k-00000"]
+        # filter again with the wrapping rule (spec §8.3), each stage alone: nothing is distilled again
+        before = len(server.requests)
+        common = ["--input", str(split), "--output-dir", str(tmp_path / "out"), "--no-progress"]
+        assert cli_main(["prepare-data", "filter", "--answer-mode", "wrap"] + common) == 0
+        assert cli_main(["prepare-data", "annotate", "--text-url", server.url, "--text-model", "x"] + common) == 0
+        assert cli_main(["prepare-data", "write", "--format", "jsonl"] + common) == 0
+        assert [r.num_images for r in server.requests[before:]] == [0]  # one extraction, for the newly kept problem
+    assert "output    2 rows" in capsys.readouterr().out
+    out = load_prompts(tmp_path / "out")
+    assert [(p.id, p.problem, p.answer, p.annotations) for p in out] == [
+        ("geo3k-00000", "<image>Find x.", "12", ("AB = 5", "AB ⟂ BC")),
+        ("geo3k-00001", "<image>Find the area.", "4\\sqrt{3}", ("AB = 5", "AB ⟂ BC")),
+    ]
+    assert sorted(f.name for f in (tmp_path / "out" / "images").iterdir()) == ["geo3k-00000.png", "geo3k-00001.png"]
