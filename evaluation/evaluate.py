@@ -77,7 +77,7 @@ async def score_item(item: BenchmarkItem, response: str, *, scorer: ReferenceSco
     return EvalRow(
         id=item.prompt.id, benchmark=item.benchmark, answer=item.prompt.answer, response=response,
         extracted=extraction.text, extraction=extraction.method,
-        correct_mathverify=mathverify_correct(item, extraction.text, mode=mathverify_mode),
+        correct_mathverify=mathverify_correct(item, extracted=extraction.text, mode=mathverify_mode),
         correct_llm=correct_llm, judge_reply=reply,
         perception=label.correct if label else None, perception_verdicts=label.verdicts if label else (),
         num_annotations=len(item.prompt.annotations))

@@ -18,7 +18,7 @@ from evaluation.benchmarks import BenchmarkItem
 from evaluation.evaluate import PerceptionLabel
 
 
-def label_from_reply(reply: str, num_annotations: int) -> PerceptionLabel:
+def label_from_reply(reply: str, *, num_annotations: int) -> PerceptionLabel:
     """The label of one judge reply under the all-items rule (None when the reply has no tag)."""
     verdicts = parse_verdicts(reply, num_items=num_annotations, strict=True)
     if not verdicts.parsed:
@@ -36,7 +36,7 @@ class LLMLabeller:
 
     async def __call__(self, item: BenchmarkItem, response: str) -> PerceptionLabel:
         reply = await self.client.chat(judge_messages(response, item.prompt.annotations))
-        label = label_from_reply(reply.text, len(item.prompt.annotations))
+        label = label_from_reply(reply.text, num_annotations=len(item.prompt.annotations))
         self.num_unparseable += label.correct is None
         return label
 
@@ -51,4 +51,4 @@ class LexicalLabeller:
         from judge.lexical import lexical_reply
 
         reply = lexical_reply(judge_messages(response, item.prompt.annotations))
-        return label_from_reply(reply, len(item.prompt.annotations))
+        return label_from_reply(reply, num_annotations=len(item.prompt.annotations))

@@ -63,7 +63,7 @@ def answer_span(response: str) -> str | None:
     return found.group(1) if found else None
 
 
-def extraction_messages(item: BenchmarkItem, response: str) -> list[dict]:
+def extraction_messages(item: BenchmarkItem, *, response: str) -> list[dict]:
     """The few-shot extraction request: instructions + examples (system), the response (user)."""
     examples = "\n".join(f"{k}.\nModel response: {r}\nExtracted answer: <answer>{a}</answer>\n"
                          for k, (r, a) in enumerate(EXTRACTION_EXAMPLES, start=1))
@@ -72,13 +72,13 @@ def extraction_messages(item: BenchmarkItem, response: str) -> list[dict]:
             {"role": "user", "content": f"{context}Model response: {response}\n\nExtracted answer: "}]
 
 
-def parse_extraction(reply: str, response: str) -> Extraction:
+def parse_extraction(reply: str, *, response: str) -> Extraction:
     span = answer_span(reply)
     return Extraction(span, "llm") if span is not None else Extraction(response, "llm_untagged")
 
 
 # ------------------------------------------------------------------------------------- judgement
-def judgement_messages(item: BenchmarkItem, extracted: str) -> list[dict]:
+def judgement_messages(item: BenchmarkItem, *, extracted: str) -> list[dict]:
     """The true/false request, with the reference's user-message layout (spec §6)."""
     choices = f"**Choices**: {item.choices}\n" if item.choices else ""
     user = f"{choices}**Response**: {extracted}\n**Ground Truth Answer**: {item.prompt.answer}\n"
@@ -109,12 +109,12 @@ class ReferenceScorer:
         if span is not None:
             return Extraction(span, "span")
         self.num_extractions += 1
-        reply = await self.client.chat(extraction_messages(item, response))
-        return parse_extraction(reply.text, response)
+        reply = await self.client.chat(extraction_messages(item, response=response))
+        return parse_extraction(reply.text, response=response)
 
     async def judge(self, item: BenchmarkItem, extracted: str) -> tuple[bool, str]:
         """(correct, the judge's reply); an unparseable reply counts as incorrect."""
-        reply = (await self.client.chat(judgement_messages(item, extracted))).text
+        reply = (await self.client.chat(judgement_messages(item, extracted=extracted))).text
         verdict = parse_judgement(reply)
         if verdict is None:
             self.num_unparseable += 1
@@ -128,13 +128,13 @@ def local_extraction(response: str) -> Extraction:
 
 
 # ----------------------------------------------------------------------------------- math-verify
-def mathverify_correct(item: BenchmarkItem, extracted: str, *, mode: Mode = "reference") -> bool:
+def mathverify_correct(item: BenchmarkItem, *, extracted: str, mode: Mode = "reference") -> bool:
     """Option letters compared when the answer names an option, else the training accuracy rule
     `judge.rules.accuracy_reward` on the extracted answer (`reference`: verify(parse(gt), parse(extracted))
     exactly; `fixed`: degrees, full-width digits and LaTeX ground truths treated, spec §3.6)."""
     gold = gold_letter(item)
     if gold is not None:
-        return predicted_letter(extracted, item.options) == gold
+        return predicted_letter(extracted, options=item.options) == gold
     return accuracy_reward(extracted, item.prompt.answer, mode=mode) == 1.0
 
 
@@ -148,7 +148,7 @@ def gold_letter(item: BenchmarkItem) -> str | None:
     return None
 
 
-def predicted_letter(extracted: str, options: tuple[str, ...]) -> str | None:
+def predicted_letter(extracted: str, *, options: tuple[str, ...] = ()) -> str | None:
     """The option a response picked: `C`, `(C)`, `C. 45` (boxed or bare), or an option's exact text."""
     boxed = last_boxed(extracted)
     text = (boxed if boxed is not None else extracted).strip().strip("$").strip()

@@ -21,7 +21,7 @@ from evaluation.perception import LexicalLabeller, LLMLabeller, label_from_reply
     ("all items are present", None, ()),  # unparseable: no label, not a perception error
 ])
 def test_label_rule(reply, correct, verdicts):
-    label = label_from_reply(reply, 3)
+    label = label_from_reply(reply, num_annotations=3)
     assert label.correct is correct and label.verdicts == verdicts
 
 
