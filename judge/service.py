@@ -1,0 +1,95 @@
+"""Starting and stopping the judge on a running Ray cluster: `start_judge(cfg)` deploys the Serve
+applications the config asks for and returns a `JudgeService`, the driver's `replay.seams.Scorer`.
+
+    judge.llm.type   Serve applications deployed                      judge endpoint the rewards call
+    lexical          judge-llm (LexicalJudgeServer) + reward          http://<host>:<port>/judge-llm/v1
+    vllm             judge-llm (VLLMJudgeServer, GPUs) + reward       http://<host>:<port>/judge-llm/v1
+    external         reward                                           judge.llm.base_url (key from env)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from judge.client import JudgeEndpoint
+from perception_r1.config import ExternalJudge, JudgeConfig, LexicalJudge, VLLMJudge
+from replay.records import JudgeStats, RolloutGroup, ScoredGroup
+
+log = logging.getLogger(__name__)
+
+REWARD_APP, JUDGE_LLM_APP = "reward", "judge-llm"
+NUM_VERIFY_WORKERS = 2
+"""Accuracy worker processes per reward replica (local default until JudgeConfig has a field)."""
+VERIFY_TIMEOUT_S = 10.0
+"""Bound on one accuracy verification (local default until JudgeConfig has a field)."""
+
+
+class JudgeService:
+    """The deployed judge: `await score(group)`, `await stats()`, `url` (HTTP, msgpack), `stop()`."""
+
+    def __init__(self, *, handle, board, url: str, apps: tuple[str, ...]) -> None:
+        self.handle, self.board, self.url, self.apps = handle, board, url, apps
+
+    async def score(self, group: RolloutGroup) -> ScoredGroup:
+        return await self.handle.score.remote(group)
+
+    async def stats(self) -> JudgeStats:
+        """Counters summed over reward replicas; latency percentiles are the worst replica's."""
+        return merge_stats(await self.board.all.remote())
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        for app in self.apps:
+            serve.delete(app)
+        ray.kill(self.board)
+
+
+def merge_stats(replicas: list[JudgeStats]) -> JudgeStats:
+    if not replicas:
+        return JudgeStats()
+    summed = {f.name: sum(getattr(s, f.name) for s in replicas) for f in dataclasses.fields(JudgeStats)
+              if f.type in ("int", int)}
+    return JudgeStats(**summed, breaker_open=any(s.breaker_open for s in replicas),
+                      latency_p50_s=float(np.max([s.latency_p50_s for s in replicas])),
+                      latency_p99_s=float(np.max([s.latency_p99_s for s in replicas])))
+
+
+def start_judge(cfg: JudgeConfig) -> JudgeService:
+    """Deploy the judge's Serve applications (after `ray.init`) and wait until they answer."""
+    import ray
+    from ray import serve
+
+    from judge.app import LexicalJudgeServer, RewardServer, StatsBoard, VLLMJudgeServer
+
+    serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
+    base = f"http://{_client_host(cfg.http_host)}:{cfg.http_port}"
+    llm, apps = cfg.llm, [REWARD_APP]
+    if isinstance(llm, LexicalJudge):
+        serve.run(LexicalJudgeServer.bind(), name=JUDGE_LLM_APP, route_prefix=f"/{JUDGE_LLM_APP}")
+        endpoint, apps = JudgeEndpoint(f"{base}/{JUDGE_LLM_APP}/v1", "lexical-judge"), [JUDGE_LLM_APP, REWARD_APP]
+    elif isinstance(llm, VLLMJudge):
+        server = VLLMJudgeServer.options(num_replicas=llm.num_replicas,
+                                         ray_actor_options={"num_cpus": 0, "num_gpus": llm.num_gpus_per_replica})
+        serve.run(server.bind(llm), name=JUDGE_LLM_APP, route_prefix=f"/{JUDGE_LLM_APP}")
+        endpoint, apps = JudgeEndpoint(f"{base}/{JUDGE_LLM_APP}/v1", llm.model_path), [JUDGE_LLM_APP, REWARD_APP]
+    else:
+        assert isinstance(llm, ExternalJudge), type(llm)
+        endpoint = JudgeEndpoint(llm.base_url, llm.model, api_key_env=llm.api_key_env)
+    board = StatsBoard.remote()
+    reward = RewardServer.options(num_replicas=cfg.num_reward_replicas).bind(
+        cfg, endpoint, board=board, num_verify_workers=NUM_VERIFY_WORKERS, verify_timeout_s=VERIFY_TIMEOUT_S)
+    handle = serve.run(reward, name=REWARD_APP, route_prefix=f"/{REWARD_APP}")
+    ray.get(board.all.remote())  # the board is up before the first report
+    handle.warm_up.remote().result()
+    log.info("judge up: score at %s/%s/score, judge LLM at %s (%s)", base, REWARD_APP, endpoint.base_url, endpoint.model)
+    return JudgeService(handle=handle, board=board, url=f"{base}/{REWARD_APP}/score", apps=tuple(apps))
+
+
+def _client_host(host: str) -> str:
+    """Where a local client reaches a server bound to `host` (a wildcard bind is reached on loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
