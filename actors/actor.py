@@ -15,10 +15,13 @@ import ray
 from actors.engine import Engine, Sampling
 from replay.records import GenerationStats, Prompt, RolloutGroup, WeightGroupSpec, WeightManifest
 
-CONCURRENCY_GROUPS = {"generate": 1, "sync": 1}
+def remote_class(*, generate_concurrency: int = 1):
+    """The actor class with `generate_concurrency` concurrent generate calls (1 for HF; more for vLLM,
+    whose engine batches across calls) and one sync lane."""
+    groups = {"generate": generate_concurrency, "sync": 1}
+    return ray.remote(num_cpus=0, concurrency_groups=groups)(GenerationActor)
 
 
-@ray.remote(num_cpus=0, concurrency_groups=CONCURRENCY_GROUPS)
 class GenerationActor:
     """Wraps an engine built in the actor's own process by `build_engine()` (a zero-arg callable)."""
 

@@ -266,8 +266,8 @@ class LearnerConfig(Section):
     num_workers: int = Field(1, ge=1)
     """Ray Train workers (FSDP2 ranks)."""
     num_gpus_per_worker: int = Field(0, ge=0, le=1)
-    cpus_per_worker: float = Field(0.0, ge=0.0)
-    """CPUs Ray reserves per worker (0 lets the learner share a small machine with the actors)."""
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    """CPUs Ray reserves per worker (Ray Train needs a non-zero bundle; fractions are allowed)."""
     num_threads: int = Field(1, ge=1)
     """torch intra-op threads per worker on CPU."""
     prompts_per_step: int = Field(4, ge=1)

@@ -38,12 +38,12 @@ def resolve_model(cfg: Config) -> str:
     if isinstance(cfg.model, TinyModel):
         from perception_r1.tiny_model import build_tiny_model
 
-        return str(build_tiny_model(cfg.model))
+        return str(build_tiny_model(cfg.model).resolve())  # workers may run in another directory
     path = Path(cfg.model.path)
     if not (path / "config.json").is_file():
         raise ValueError(f"model.path {path} is not a model folder (no config.json); point it at a local "
                          "copy of the model (nothing is downloaded at run time)")
-    return str(path)
+    return str(path.resolve())
 
 
 def warm_start(cfg: Config, model_path: str, prompts: list) -> str:
@@ -56,7 +56,7 @@ def warm_start(cfg: Config, model_path: str, prompts: list) -> str:
                       progress=cfg.tracking.progress_bar)
     log.info("sft warm start %s: %d examples, loss %.3f -> %.3f", out, summary["num_examples"],
              summary["first_loss"], summary["final_loss"])
-    return str(out)
+    return str(out.resolve())
 
 
 def sft_dir(cfg: Config) -> Path:
@@ -92,7 +92,7 @@ def init_ray(cfg: Config) -> None:
 
 
 def build_actors(cfg: Config, model_path: str) -> list:
-    from actors.actor import GenerationActor
+    from actors.actor import remote_class
     from actors.engine import Sampling
 
     r = cfg.rollout
@@ -101,10 +101,10 @@ def build_actors(cfg: Config, model_path: str) -> list:
     actors = []
     for i in range(r.num_actors):
         build = functools.partial(build_engine, cfg=cfg, model_path=model_path)
-        concurrency = {"generate": 1 if isinstance(r.engine, HFEngine) else r.max_inflight_per_actor, "sync": 1}
-        actors.append(GenerationActor.options(num_gpus=r.num_gpus_per_actor, max_restarts=r.max_restarts,
-                                              name=f"generator-{i}", max_task_retries=0,
-                                              concurrency_groups=concurrency)
+        concurrency = 1 if isinstance(r.engine, HFEngine) else r.max_inflight_per_actor
+        actor_class = remote_class(generate_concurrency=concurrency)
+        actors.append(actor_class.options(num_gpus=r.num_gpus_per_actor, max_restarts=r.max_restarts,
+                                          name=f"generator-{i}", max_task_retries=0)
                       .remote(actor_id=i, build_engine=build, sampling=sampling))
     return actors
 
@@ -152,11 +152,11 @@ def build_trainer(cfg: Config, wiring, run_dir: Path):
 
 
 def build_sinks(cfg: Config, run_dir: Path, *, resume: bool):
-    from perception_r1.tracking import ConsoleSink, FanOut, MlflowSink
+    from perception_r1.tracking import ConsoleSink, FanOut, MlflowSink, RayMetricsSink
 
     mlflow_sink = MlflowSink(cfg, run_dir=run_dir, resume=resume)  # a bad URI fails here, at start
     console = ConsoleSink(every=1 if not cfg.tracking.progress_bar else max(1, cfg.run.num_steps // 10))
-    return FanOut([mlflow_sink, console]), mlflow_sink
+    return FanOut([mlflow_sink, RayMetricsSink(run_name=cfg.run.name), console]), mlflow_sink
 
 
 # --------------------------------------------------------------------------------------------- run

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import ray
@@ -51,6 +51,8 @@ class Orchestrator:
         self.counters: Counter[str] = Counter()
         self.tasks: set[asyncio.Task] = set()
         self.stopping = asyncio.Event()
+        self.recent: deque = deque(maxlen=4)
+        """The latest scored groups (sample rollout tables are drawn from them)."""
 
     async def run(self) -> None:
         """Dispatch until stop() or the buffer closes; in-flight work is left to finish or be cancelled."""
@@ -71,6 +73,7 @@ class Orchestrator:
             _, pending = await asyncio.wait(set(self.tasks), timeout=timeout_s)
             for task in pending:
                 task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def _free_actor(self) -> int:
         while True:
@@ -113,6 +116,7 @@ class Orchestrator:
             self.stream.resolve([group.seq])
             await self.buffer.release.remote(1)
             return
+        self.recent.append(scored)
         admitted = await self.buffer.put.remote([ray.put(scored)], entry_meta(scored))
         if not admitted:
             self.counters["evicted_at_put"] += 1

@@ -92,6 +92,10 @@ class Session:
             metrics = await self._step_metrics(record)
             self.sinks.log_metrics(record.step, metrics)
             self.steps_logged += 1
+            every = self.cfg.tracking.log_rollouts_every
+            if every and record.step % every == 0 and self.orchestrator.recent:
+                table = rollout_table(self.orchestrator.recent[-1])
+                self.sinks.call("log_table", table, artifact_file=f"rollouts/step_{record.step:06d}.json")
             if self.progress is not None:
                 self.progress.update(1)
                 self.progress.set_postfix(reward=f"{metrics.get('reward/total', 0):.3f}",
@@ -131,3 +135,23 @@ def _progress(cfg: Config, start: int):
     from tqdm import tqdm
 
     return tqdm(total=cfg.run.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def rollout_table(scored: ScoredGroup) -> dict[str, list]:
+    """One group's rollouts as an mlflow table: the image, the response, each reward and the verdicts."""
+    from PIL import Image
+    import io
+
+    group = scored.group
+    image = Image.open(io.BytesIO(group.prompt.image)).convert("RGB")
+    rows = list(zip(group.rollouts, scored.rewards))
+    return {
+        "image": [image] * len(rows), "prompt_id": [group.prompt.id] * len(rows),
+        "problem": [group.prompt.problem] * len(rows), "answer": [group.prompt.answer] * len(rows),
+        "annotations": ["\n".join(group.prompt.annotations)] * len(rows),
+        "response": [r.text for r, _ in rows], "policy_version": [r.min_version for r, _ in rows],
+        "accuracy": [b.accuracy for _, b in rows], "format": [b.format for _, b in rows],
+        "repetition": [b.repetition for _, b in rows], "visual": [b.visual for _, b in rows],
+        "total": [b.total for _, b in rows], "verdicts": [" ".join(f"{v:g}" for v in b.verdicts) for _, b in rows],
+        "judge_failed": [b.judge_failed for _, b in rows],
+    }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -68,8 +69,30 @@ class ConsoleSink:
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if step % self.every == 0:
-            parts = [f"{k.split('/')[-1]}={metrics[k]:.3g}" for k in self.KEYS if k in metrics]
+            parts = [f"{k.replace('reward/', '')}={metrics[k]:.3g}" for k in self.KEYS if k in metrics]
             self.write(f"step {step}: " + " ".join(parts))
+
+    def close(self, *, status: str) -> None:
+        pass
+
+
+class RayMetricsSink:
+    """The system's own metrics on the Ray dashboard (Prometheus at the node's metrics port) through
+    `ray.util.metrics` gauges: `perception_r1_<name>`, per-actor series tagged `actor=<id>`."""
+
+    def __init__(self, *, run_name: str) -> None:
+        from ray.util.metrics import Gauge
+
+        self.Gauge, self.run_name, self.gauges = Gauge, run_name, {}
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            name, actor = _gauge_name(key)
+            gauge = self.gauges.get(name)
+            if gauge is None:
+                gauge = self.gauges[name] = self.Gauge(f"perception_r1_{name}", description=key,
+                                                       tag_keys=("run", "actor"))
+            gauge.set(float(value), tags={"run": self.run_name, "actor": actor})
 
     def close(self, *, status: str) -> None:
         pass
@@ -112,6 +135,16 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
         else:
             out[name] = str(value)[:500]
     return out
+
+
+def _gauge_name(key: str) -> tuple[str, str]:
+    """`gen/actor3/tokens_per_s` -> (`gen_tokens_per_s`, `3`); `learner/loss` -> (`learner_loss`, `all`)."""
+    parts = key.split("/")
+    actor = "all"
+    if len(parts) == 3 and parts[1].startswith("actor") and parts[1][5:].isdigit():
+        actor, parts = parts[1][5:], [parts[0], parts[2]]
+    name = "_".join(parts)
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name), actor
 
 
 def _safe_key(key: str) -> str:

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 def test_broadcast_makes_actor_weights_equal_learner(ray_cluster, tiny_model_dir):
     from transformers import AutoModelForImageTextToText
 
-    from actors.actor import GenerationActor
+    from actors.actor import remote_class
     from actors.engine import Sampling
     from learner.sync import WeightBroadcaster
     from perception_r1.driver import build_engine
@@ -21,7 +21,7 @@ def test_broadcast_makes_actor_weights_equal_learner(ray_cluster, tiny_model_dir
     cfg = parse_config({"model": {"type": "pretrained", "path": tiny_model_dir}})
     build = functools.partial(build_engine, cfg=cfg, model_path=tiny_model_dir)
     sampling = Sampling(n=2, temperature=1.0, top_p=1.0, max_new_tokens=4)
-    actors = [GenerationActor.remote(actor_id=i, build_engine=build, sampling=sampling) for i in range(2)]
+    actors = [remote_class().remote(actor_id=i, build_engine=build, sampling=sampling) for i in range(2)]
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
     sender = WeightBroadcaster(receivers=actors, rank=0, backend="gloo", timeout_s=60, bucket_bytes=1 << 16,
                                dtype=torch.float32, device=torch.device("cpu"))
