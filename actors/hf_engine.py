@@ -21,15 +21,21 @@ from replay.records import Prompt, Rollout, RolloutGroup, WeightGroupSpec, Weigh
 from replay.weights import digest, open_group, receive, weight_corners
 
 
+def load_model(model_path: str, *, random_weights: bool, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    if random_weights:
+        return AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_path), dtype=dtype)
+    return AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype)
+
+
 class HFEngine:
     def __init__(self, model_path: str, *, data: DataConfig, num_threads: int = 1,
-                 device: str = "cpu") -> None:
-        from transformers import AutoModelForImageTextToText
-
+                 device: str = "cpu", random_weights: bool = False) -> None:
         torch.set_num_threads(num_threads)
         self.device = torch.device(device)
         self.data = data
-        self.model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32).to(self.device)
+        self.model = load_model(model_path, random_weights=random_weights).to(self.device)
         self.model.eval()
         self.processor = vl.load_processor(model_path)
         self.tokenizer = self.processor.tokenizer

@@ -102,12 +102,19 @@ def completion_logits(model: torch.nn.Module, batch: PackedBatch) -> Tensor:
     return logits.index_fill(-1, batch.suppressed, float("-inf"))
 
 
-def load_policy(model_path: str, *, cfg: LearnerConfig, device: torch.device) -> torch.nn.Module:
+def load_policy(model_path: str, *, cfg: LearnerConfig, device: torch.device,
+                random_weights: bool = False) -> torch.nn.Module:
     """The trainable policy: fp32 master weights, sharded with FSDP2 when torch.distributed is up."""
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_path, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+    if random_weights:  # built on the device directly: a 7B init on CPU takes minutes
+        config = AutoConfig.from_pretrained(model_path)
+        config._attn_implementation = cfg.attn_implementation
+        with torch.device(device):
+            model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(
+            model_path, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
     model.to(device)
     if cfg.freeze_vision:
         for p in _vision_tower(model).parameters():

@@ -24,10 +24,11 @@ from replay.records import ScoredGroup
 
 class Learner:
     def __init__(self, model_path: str, *, cfg: LearnerConfig, data: DataConfig, temperature: float,
-                 device: torch.device) -> None:
+                 device: torch.device, random_weights: bool = False) -> None:
         self.cfg, self.data, self.temperature, self.device = cfg, data, temperature, device
-        self.model = load_policy(model_path, cfg=cfg, device=device)
-        self.ref_model = _frozen(load_policy(model_path, cfg=cfg, device=device)) if cfg.loss.kl_coef > 0 else None
+        self.model = load_policy(model_path, cfg=cfg, device=device, random_weights=random_weights)
+        self.ref_model = (_frozen(load_policy(model_path, cfg=cfg, device=device, random_weights=random_weights))
+                          if cfg.loss.kl_coef > 0 else None)
         self.processor = vl.load_processor(model_path)
         tokenizer = self.processor.tokenizer
         self.pad_id = tokenizer.pad_token_id

@@ -52,7 +52,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = _device(cfg)
     torch.manual_seed(cfg.run.seed + rank)
     learner = Learner(wiring.model_path, cfg=cfg.learner, data=cfg.data, temperature=cfg.rollout.temperature,
-                      device=device)
+                      device=device, random_weights=getattr(cfg.model, "random_weights", False))
     version = _restore(learner, wiring.resume_from)
     sync = WeightBroadcaster(
         receivers=wiring.actors, rank=rank, backend=_backend(cfg, device), timeout_s=cfg.sync.timeout_s,

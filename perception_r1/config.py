@@ -66,6 +66,9 @@ class PretrainedModel(Section):
     type: Literal["pretrained"] = "pretrained"
     path: str
     """Local folder with config, weights, tokenizer and processor (nothing is downloaded at run time)."""
+    random_weights: bool = False
+    """Initialise from the folder's config with random weights instead of loading any (benchmarks at
+    real scale without real weights; vLLM engines then use load_format `dummy`)."""
 
 
 ModelConfig = Annotated[Union[TinyModel, PretrainedModel], Field(discriminator="type")]
@@ -384,6 +387,10 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         problems.append("rollout.engine.type=vllm needs rollout.num_gpus_per_actor >= 1; use engine type hf on CPU")
     if cfg.learner.attn_implementation == "flash_attention_2" and gpus == 0:
         problems.append("learner.attn_implementation=flash_attention_2 needs GPUs; use sdpa on CPU")
+    engine = cfg.rollout.engine
+    if (isinstance(cfg.model, PretrainedModel) and cfg.model.random_weights and isinstance(engine, VLLMEngine)
+            and engine.load_format != "dummy"):
+        problems.append("model.random_weights needs rollout.engine.load_format: dummy (vLLM would look for weights)")
     requested = _gpus_requested(cfg)
     if cfg.cluster.num_gpus is not None and requested > cfg.cluster.num_gpus:
         problems.append(

@@ -116,7 +116,8 @@ def build_engine(*, cfg: Config, model_path: str):
         from actors.hf_engine import HFEngine as Engine
 
         device = "cuda" if cfg.rollout.num_gpus_per_actor > 0 else "cpu"
-        return Engine(model_path, data=cfg.data, num_threads=engine.num_threads, device=device)
+        return Engine(model_path, data=cfg.data, num_threads=engine.num_threads, device=device,
+                      random_weights=getattr(cfg.model, "random_weights", False))
     from actors.vllm_engine import VLLMEngine
 
     return VLLMEngine(model_path, cfg=engine, data=cfg.data, seed=cfg.run.seed)

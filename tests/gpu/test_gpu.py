@@ -1,0 +1,143 @@
+"""GPU tier (`pytest -m gpu tests/gpu`, on the device machine): the vLLM engine, a learner step that
+learns, NCCL weight sync into a running engine, and two steps of the whole system on 2 GPUs."""
+
+import functools
+import math
+
+import pytest
+import ray
+import torch
+
+pytestmark = pytest.mark.gpu
+SUFFIXES = ["embed_tokens.weight", "lm_head.weight", "layers.1.self_attn.o_proj.weight",
+            "layers.0.mlp.down_proj.weight", "blocks.1.mlp.down_proj.weight"]
+
+
+@pytest.fixture(scope="module")
+def tiny_vl(tmp_path_factory) -> str:
+    from benchmarks.assets import TINY, write_model_dir
+
+    return str(write_model_dir(tmp_path_factory.mktemp("assets") / "tiny-vl", TINY, weights=True))
+
+
+def test_vllm_engine_groups_match_learner_encoding(tiny_vl):
+    from actors.engine import Sampling
+    from actors.vllm_engine import VLLMEngine
+    from dataprep.synthetic import make_problems
+    from learner.trainer import Learner
+    from perception_r1.config import DataConfig, LearnerConfig, SyntheticData, VLLMEngine as VLLMCfg
+    from replay.records import RewardBreakdown, ScoredGroup
+
+    data = DataConfig()
+    engine = VLLMEngine(tiny_vl, cfg=VLLMCfg(enforce_eager=True, max_model_len=4096), data=data, seed=0,
+                        kv_cache_memory_bytes=2 << 30)
+    groups = engine.generate(make_problems(SyntheticData(num_problems=3))[:3],
+                             sampling=Sampling(n=4, temperature=1.0, top_p=1.0, max_new_tokens=16), actor_id=0)
+    assert [len(g.rollouts) for g in groups] == [4, 4, 4]
+    for g in groups:
+        for r in g.rollouts:
+            assert 0 < len(r.token_ids) <= 16 and (r.logprobs <= 0).all() and r.min_version == 0
+    learner = Learner(tiny_vl, cfg=LearnerConfig(), data=data, temperature=1.0, device=torch.device("cuda"))
+    scored = [ScoredGroup(g, tuple(RewardBreakdown(0, 0, 0, 0, float(i), float(i)) for i in range(4)), 0.0)
+              for g in groups]
+    seqs = learner.sequences(scored)  # raises if vLLM's prompt tokens differ from the learner's encoding
+    learner_logp = torch.cat(learner.logprobs(seqs))
+    behaviour = torch.cat([s.behaviour_logprobs for s in seqs])
+    # bf16 engine vs fp32 learner on random weights: close, not equal
+    assert (learner_logp - behaviour).abs().mean() < 0.1, (learner_logp - behaviour).abs().mean()
+
+
+def test_learner_step_on_gpu_learns(tiny_vl):
+    from actors.engine import Sampling
+    from actors.hf_engine import HFEngine
+    from dataprep.synthetic import make_problems
+    from learner.trainer import Learner
+    from perception_r1.config import DataConfig, LearnerConfig, SyntheticData
+    from replay.records import RewardBreakdown, ScoredGroup
+
+    data = DataConfig()
+    groups = HFEngine(tiny_vl, data=data, device="cuda").generate(
+        make_problems(SyntheticData(num_problems=2)), sampling=Sampling(4, 1.0, 1.0, 12), actor_id=0)
+    scored = [ScoredGroup(g, tuple(RewardBreakdown(0, 0, 0, 0, float(i % 2), float(i % 2)) for i in range(4)), 0.0)
+              for g in groups]
+    cfg = LearnerConfig(optimizer={"lr": 1e-3, "weight_decay": 0.0})
+    learner = Learner(tiny_vl, cfg=cfg, data=data, temperature=1.0, device=torch.device("cuda"))
+    before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+    metrics = learner.step(scored)
+    assert math.isfinite(metrics["learner/loss"]) and metrics["learner/grad_norm"] > 0
+    changed = sum(not torch.equal(before[n], p) for n, p in learner.model.named_parameters())
+    assert changed > len(before) // 2
+
+
+def test_nccl_sync_into_running_vllm_engine(tiny_vl):
+    from actors.actor import remote_class
+    from actors.engine import Sampling
+    from perception_r1.config import parse_config
+    from perception_r1.driver import build_engine
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    ray.init(num_gpus=2, include_dashboard=False, runtime_env={"env_vars": {"NCCL_NVLS_ENABLE": "0"}})
+    try:
+        cfg = parse_config({"model": {"type": "pretrained", "path": tiny_vl},
+                            "rollout": {"engine": {"type": "vllm", "enforce_eager": True, "max_model_len": 4096,
+                                                   "gpu_memory_utilization": 0.3}, "num_gpus_per_actor": 1}})
+        actor = remote_class(generate_concurrency=2).options(num_gpus=1).remote(
+            actor_id=0, build_engine=functools.partial(build_engine, cfg=cfg, model_path=tiny_vl),
+            sampling=Sampling(2, 1.0, 1.0, 8))
+        probe = SenderProbe.options(num_gpus=1).remote(tiny_vl, [actor])
+        want = ray.get(probe.sync.remote(version=1))
+        version, got = ray.get(actor.weight_samples.remote(SUFFIXES))
+        assert version == 1 and set(got) == set(SUFFIXES)
+        assert got == want
+    finally:
+        ray.shutdown()
+
+
+@ray.remote
+class SenderProbe:
+    """The learner's sending side alone: a bf16 model on its own GPU and the vLLM wire."""
+
+    def __init__(self, model_path, receivers):
+        from transformers import AutoModelForImageTextToText
+
+        from learner.sync import WeightBroadcaster
+
+        self.model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.bfloat16).cuda()
+        self.sender = WeightBroadcaster(receivers=receivers, rank=0, backend="nccl", timeout_s=120,
+                                        bucket_bytes=64 << 20, dtype=torch.bfloat16, device=torch.device("cuda"),
+                                        transport="vllm")
+        self.sender.connect()
+
+    def sync(self, version):
+        from replay.weights import weight_corners
+
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        self.sender.broadcast(self.model, version=version)
+        return weight_corners(self.model.state_dict().items(), SUFFIXES)
+
+
+def test_two_steps_of_the_whole_system_on_two_gpus(tiny_vl, tmp_path, monkeypatch):
+    from perception_r1.config import parse_config
+    from perception_r1.driver import train
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_config({
+        "run": {"name": "gpu-e2e", "num_steps": 3, "output_dir": str(tmp_path)},
+        "cluster": {"num_gpus": 2},
+        "model": {"type": "pretrained", "path": tiny_vl},
+        "data": {"dataset": {"type": "synthetic", "num_problems": 32}},
+        "rollout": {"engine": {"type": "vllm", "enforce_eager": True, "max_model_len": 4096,
+                               "gpu_memory_utilization": 0.3}, "num_gpus_per_actor": 1, "samples_per_prompt": 4,
+                    "max_new_tokens": 32, "prompts_per_call": 2},
+        "learner": {"num_gpus_per_worker": 1, "prompts_per_step": 2, "dtype": "bfloat16"},
+        "buffer": {"max_staleness": 1, "max_groups": 8},
+        "checkpoint": {"every_steps": 0},
+        "tracking": {"mlflow_uri": f"sqlite:///{tmp_path}/m.db", "progress_bar": False},
+    })
+    result = train(cfg)
+    assert result.final_version == 3 and result.steps_logged == 3
