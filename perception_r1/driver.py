@@ -31,6 +31,8 @@ class RunResult:
     mlflow_run_id: str
     counters: dict[str, int]
     stopped_early: bool
+    history: list[tuple[float, dict[str, float]]]
+    """(wall time, metrics) per logged step."""
 
 
 # ------------------------------------------------------------------------------------------- build
@@ -215,7 +217,8 @@ def _run(cfg: Config, *, model_path: str, prompts: list, run_dir: Path, restored
     judge.stop()
     ray.kill(reports.actor)
     return RunResult(run_dir=run_dir, final_version=session.version, steps_logged=session.steps_logged,
-                     mlflow_run_id=mlflow_sink.run_id, counters=dict(session.counters()), stopped_early=stopped)
+                     mlflow_run_id=mlflow_sink.run_id, counters=dict(session.counters()), stopped_early=stopped,
+                     history=session.history)
 
 
 def _run_until_done(session, trainer) -> bool:

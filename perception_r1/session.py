@@ -37,6 +37,8 @@ class Session:
         self.orchestrator = Orchestrator(stream=stream, actors=actors, scorer=judge, buffer=buffer, settings=settings)
         self.stop_requested = False
         self.steps_logged = 0
+        self.history: list[tuple[float, dict[str, float]]] = []
+        """(wall time, metrics) of every logged step, for benchmarks and the run summary."""
         self.judge_before = JudgeStats()
         self.window_start = time.perf_counter()
         self.progress = _progress(cfg, start_version)
@@ -91,6 +93,7 @@ class Session:
             self.version = record.version
             metrics = await self._step_metrics(record)
             self.sinks.log_metrics(record.step, metrics)
+            self.history.append((time.perf_counter(), metrics))
             self.steps_logged += 1
             every = self.cfg.tracking.log_rollouts_every
             if every and record.step % every == 0 and self.orchestrator.recent:

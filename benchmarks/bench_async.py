@@ -1,0 +1,107 @@
+"""Async vs sync, end to end, same machine, one run: the real driver trains the same config with each
+`buffer.max_staleness` in turn; samples/s is measured over the steps after warm-up, and on GPUs each
+GPU's busy fraction is sampled with nvidia-smi during the measured window.
+
+    python -m benchmarks.bench_async configs/demo-cpu.yaml --staleness 0 1 2 --steps 12      # CPU
+    python -m benchmarks.bench_async configs/bench-2gpu-3b.yaml --staleness 0 2 --steps 8    # 2 GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import print_table, write_result
+
+WARMUP_STEPS = 2
+
+
+def run_one(config: str, *, staleness: int, steps: int, overrides: list[str], out: Path) -> dict:
+    from perception_r1.config import load_config
+    from perception_r1.driver import train
+
+    sets = [f"buffer.max_staleness={staleness}", f"run.num_steps={steps}", f"run.name=bench-s{staleness}",
+            f"run.output_dir={out}", "checkpoint.every_steps=0", "tracking.progress_bar=false",
+            f"tracking.mlflow_uri=sqlite:///{out}/mlflow.db", "tracking.log_rollouts_every=0",
+            f"sync.interval_steps=1", *overrides]
+    cfg = load_config(config, sets)
+    gpu = GpuSampler() if cfg.learner.num_gpus_per_worker else None
+    result = train(cfg)
+    times = [t for t, _ in result.history]
+    measured = times[WARMUP_STEPS:]
+    samples_per_step = cfg.learner.prompts_per_step * cfg.rollout.samples_per_prompt
+    window = measured[-1] - times[WARMUP_STEPS - 1]
+    history = [m for _, m in result.history][WARMUP_STEPS:]
+    tokens = sum(m.get("learner/num_tokens", 0.0) for m in history)
+    row = {"max_staleness": staleness, "steps_measured": len(measured),
+           "samples_per_s": len(measured) * samples_per_step / window,
+           "train_tokens_per_s": tokens / window, "step_seconds": window / len(measured),
+           "learner_step_s": statistics.mean(m["learner/step_seconds"] for m in history),
+           "learner_wait_s": statistics.mean(m["learner/wait_seconds"] for m in history),
+           "sync_s": statistics.mean(m["sync/seconds"] for m in history),
+           "staleness_mean": statistics.mean(m.get("staleness/mean", 0.0) for m in history),
+           "staleness_max": max(m.get("staleness/max", 0.0) for m in history)}
+    if gpu is not None:
+        row.update(gpu.busy_fractions(start=time.time() - (time.perf_counter() - times[WARMUP_STEPS - 1]),
+                                      end=time.time() - (time.perf_counter() - measured[-1])))
+    return row
+
+
+class GpuSampler:
+    """nvidia-smi sampling every 100 ms in the background: (wall time, utilization %) per GPU."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.NamedTemporaryFile("w+", suffix=".csv", delete=False)
+        self.proc = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=timestamp,index,utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+             "-lms", "100"], stdout=self.file, stderr=subprocess.DEVNULL)
+
+    def busy_fractions(self, *, start: float, end: float) -> dict[str, float]:
+        self.proc.terminate()
+        self.proc.wait()
+        import datetime
+
+        busy: dict[int, list[float]] = {}
+        peak: dict[int, float] = {}
+        for line in Path(self.file.name).read_text().splitlines():
+            stamp, idx, util, mem = [x.strip() for x in line.split(",")]
+            t = datetime.datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            peak[int(idx)] = max(peak.get(int(idx), 0.0), float(mem))
+            if start <= t <= end:
+                busy.setdefault(int(idx), []).append(float(util) / 100)
+        out = {f"gpu{i}_busy": statistics.mean(v) for i, v in sorted(busy.items())}
+        out.update({f"gpu{i}_peak_mem_gib": m / 1024 for i, m in sorted(peak.items())})
+        return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--name", default=None, help="result name (default: async_sync_<config stem>)")
+    args = parser.parse_args()
+    out = Path(tempfile.mkdtemp(prefix="bench-async-"))
+    rows = [run_one(args.config, staleness=s, steps=args.steps, overrides=args.overrides, out=out)
+            for s in args.staleness]
+    base = rows[0]["samples_per_s"]
+    for row in rows:
+        row["ratio_to_first"] = row["samples_per_s"] / base
+    print_table(f"async vs sync ({args.config}, {args.steps} steps, first {WARMUP_STEPS} not measured)", rows)
+    metrics = {f"staleness_{r['max_staleness']}": r for r in rows}
+    metrics["async_sync_ratio"] = rows[-1]["samples_per_s"] / base
+    name = args.name or f"async_sync_{Path(args.config).stem}"
+    print("wrote", write_result(name, config={"config": args.config, "steps": args.steps,
+                                              "staleness": args.staleness, "overrides": args.overrides},
+                                metrics=metrics))
+    shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
