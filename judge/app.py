@@ -33,6 +33,8 @@ from replay import codec
 from replay.records import JudgeStats, RolloutGroup, ScoredGroup
 
 MSGPACK = "application/msgpack"
+_SHUTDOWN = {"graceful_shutdown_wait_loop_s": 0.2, "graceful_shutdown_timeout_s": 5.0}
+"""Replicas drain for at most 5 s on `stop()` (Serve's default waits up to 20 s)."""
 LEXICAL_MODEL = "lexical-judge"
 
 reward_api = FastAPI(title="perception-r1 reward")
@@ -60,7 +62,7 @@ def _num_choices(body: dict) -> int:
 
 
 # ------------------------------------------------------------------------------------------ reward
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, **_SHUTDOWN)
 @serve.ingress(reward_api)
 class RewardServer:
     """Scores rollout groups. `board` (a Ray actor handle or None) receives this replica's stats after
@@ -104,7 +106,7 @@ class RewardServer:
 
 
 # ------------------------------------------------------------------------------------ judge LLMs
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, **_SHUTDOWN)
 @serve.ingress(lexical_api)
 class LexicalJudgeServer:
     """The lexical judge (`judge.lexical`) behind the OpenAI chat routes."""
@@ -122,7 +124,7 @@ class LexicalJudgeServer:
         return model_list(LEXICAL_MODEL)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, **_SHUTDOWN)
 @serve.ingress(vllm_api)
 class VLLMJudgeServer:
     """A judge LLM on vLLM's async engine (v1 `AsyncLLM`), chat template applied with the model's own

@@ -22,6 +22,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    request_queue_size = 1024
 
 
 class FakeJudge:
@@ -57,6 +58,8 @@ class FakeJudge:
 
 def _handler(fake: FakeJudge):
     class Handler(BaseHTTPRequestHandler):
+        disable_nagle_algorithm = True
+
         def log_message(self, *args) -> None:
             pass
 
