@@ -9,6 +9,7 @@ GPU's busy fraction is sampled with nvidia-smi during the measured window.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -27,8 +28,10 @@ def run_one(config: str, *, staleness: int, steps: int, overrides: list[str], ou
 
     sets = [f"buffer.max_staleness={staleness}", f"run.num_steps={steps}", f"run.name=bench-s{staleness}",
             f"run.output_dir={out}", "checkpoint.every_steps=0", "tracking.progress_bar=false",
-            f"tracking.mlflow_uri=sqlite:///{out}/mlflow.db", "tracking.log_rollouts_every=0",
+            "tracking.log_rollouts_every=0",
             f"sync.interval_steps=1", *overrides]
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        sets.append(f"tracking.mlflow_uri=sqlite:///{out}/mlflow.db")
     cfg = load_config(config, sets)
     gpu = GpuSampler() if cfg.learner.num_gpus_per_worker else None
     result = train(cfg)

@@ -141,8 +141,11 @@ def _restore(learner: Learner, resume_from: str | None) -> int:
 
 def _device(cfg: Config) -> torch.device:
     if cfg.learner.num_gpus_per_worker:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.device("cuda", local if torch.cuda.device_count() > 1 else 0)
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+        return device
     torch.set_num_threads(cfg.learner.num_threads)
     return torch.device("cpu")
 

@@ -126,9 +126,10 @@ def test_two_steps_of_the_whole_system_on_two_gpus(tiny_vl, tmp_path, monkeypatc
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the GPU bundle carries mlflow-skinny (no sqlite)
     cfg = parse_config({
         "run": {"name": "gpu-e2e", "num_steps": 3, "output_dir": str(tmp_path)},
-        "cluster": {"num_gpus": 2},
+        "cluster": {"num_gpus": 2, "include_dashboard": False},
         "model": {"type": "pretrained", "path": tiny_vl},
         "data": {"dataset": {"type": "synthetic", "num_problems": 32}},
         "rollout": {"engine": {"type": "vllm", "enforce_eager": True, "max_model_len": 4096,
@@ -137,7 +138,7 @@ def test_two_steps_of_the_whole_system_on_two_gpus(tiny_vl, tmp_path, monkeypatc
         "learner": {"num_gpus_per_worker": 1, "prompts_per_step": 2, "dtype": "bfloat16"},
         "buffer": {"max_staleness": 1, "max_groups": 8},
         "checkpoint": {"every_steps": 0},
-        "tracking": {"mlflow_uri": f"sqlite:///{tmp_path}/m.db", "progress_bar": False},
+        "tracking": {"mlflow_uri": f"file://{tmp_path}/mlruns", "progress_bar": False, "log_rollouts_every": 0},
     })
     result = train(cfg)
     assert result.final_version == 3 and result.steps_logged == 3

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# On the GPU machine (device tool), after the wheel bundle's parts were moved to /tmp/bundle:
+#   bash benchmarks/run_gpu.sh STAGE...     STAGE: tests | sync | actor | learner3b | learner7b | e2e
+# Installs the bundle once (/tmp/site), writes model assets once (/tmp/pr1-assets), runs the stages,
+# logs and result JSON to $OUT (and benchmarks/results/).
+set -u
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export RAY_USAGE_STATS_ENABLED=0 MLFLOW_ALLOW_FILE_STORE=true MLFLOW_TRACKING_URI=file:///tmp/mlruns
+out="${OUT:-/tmp/out}"; mkdir -p "$out"
+. /tmp/bundle/install.sh /tmp/bundle /tmp/site > "$out/install.log" 2>&1 || { tail "$out/install.log"; exit 1; }
+if [ -d .whl ] && [ ! -f /tmp/site/.pr1-extra ]; then  # Serve/dashboard extras the bundle lacks (carried as .whl)
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl >> "$out/install.log" 2>&1 && touch /tmp/site/.pr1-extra
+fi
+export PYTHONPATH="$PWD:$PYTHONPATH"
+[ -d /tmp/pr1-assets/vl7b ] || python3 -m benchmarks.assets /tmp/pr1-assets > "$out/assets.log" 2>&1
+run() {  # run NAME SECONDS CMD...
+    local name="$1" secs="$2"; shift 2; local t0=$(date +%s)
+    echo "=== $name (limit ${secs}s)"
+    timeout "$secs" "$@" > "$out/$name.log" 2>&1; local rc=$?
+    grep -E "passed|failed|Error|error|^[a-z_ ]+  |^[0-9]|ratio|wrote|mfu|GB|Traceback" "$out/$name.log" | grep -v -E "Warning|warn" | tail -n 30
+    echo "=== $name rc=$rc in $(( $(date +%s) - t0 ))s"
+}
+for stage in "$@"; do
+    case "$stage" in
+        tests) run tests 260 python3 -m pytest -m gpu tests/gpu -x -q -p no:cacheprovider ;;
+        sync) run sync 200 python3 -m benchmarks.bench_weight_sync /tmp/pr1-assets/vl7b --rounds 4 --eager ;;
+        actor) run actor 560 python3 -m benchmarks.bench_vllm_actor /tmp/pr1-assets/vl7b --prompts 64 --n 8 --max-tokens 512 ;;
+        learner3b) run learner3b 130 python3 -m benchmarks.bench_learner /tmp/pr1-assets/vl3b --gpus 1 ;;
+        learner7b) run learner7b 400 python3 -m benchmarks.bench_learner /tmp/pr1-assets/vl7b --gpus 2 --groups 2 ;;
+        e2e) run e2e 580 python3 -m benchmarks.bench_async configs/bench-2gpu-3b.yaml --staleness 0 2 --steps 6 --name async_sync_2gpu_3b ;;
+    esac
+done
+cp benchmarks/results/*.json "$out/" 2>/dev/null
+exit 0
