@@ -253,6 +253,7 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--out-dir", type=Path, default=None, help="where the JSON goes (default benchmarks/results)")
     args = parser.parse_args()
+    load_at_start = os.getloadavg()[0]  # the CPU figures depend on what else runs on the machine
     if args.vllm_model:
         metrics, config = bench_vllm(args)
         name = "rewards-vllm"
@@ -260,7 +261,8 @@ def main() -> None:
         rules = bench_rules(args.num_responses)
         app, config = bench_app(repeats=args.repeats, n=args.rollouts)
         metrics, name = {**rules, **app}, "rewards-cpu"
-        config = {**config, "num_responses": args.num_responses, "verifier_workers": 2}
+        config = {**config, "num_responses": args.num_responses, "verifier_workers": 2,
+                  "load_avg_1m_at_start": load_at_start}
     print_table(f"{name} ({config})", [{"metric": k, "value": v} for k, v in metrics.items()])
     print(f"wrote {write_result(name, config=config, metrics=metrics, out_dir=args.out_dir)}")
 
