@@ -4,7 +4,6 @@ Every surprising expectation below (raw ground truths, merged boxes, degree nota
 by running math-verify 0.9.0 / latex2sympy2_extended 1.11.0, the versions the spec observed.
 """
 
-import numpy as np
 import pytest
 
 from judge.rules import accuracy_reward, answer_text, combine, format_reward, last_boxed, repetition_penalty
