@@ -9,10 +9,12 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB
 export RAY_USAGE_STATS_ENABLED=0 MLFLOW_ALLOW_FILE_STORE=true MLFLOW_TRACKING_URI=file:///tmp/mlruns
 out="${OUT:-/tmp/out}"; mkdir -p "$out"
 . /tmp/bundle/install.sh /tmp/bundle /tmp/site > "$out/install.log" 2>&1 || { tail "$out/install.log"; exit 1; }
-if [ -d .whl ] && [ ! -f /tmp/site/.pr1-extra ]; then  # Serve/dashboard extras the bundle lacks (carried as .whl)
-    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl >> "$out/install.log" 2>&1 && touch /tmp/site/.pr1-extra
+if [ -d .whl ] && [ ! -f /tmp/site-extra/.pr1-extra ]; then  # Serve/dashboard extras the bundle lacks (.whl)
+    # a separate target: `pip --target --upgrade` replaces whole top-level folders (opentelemetry/)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-extra .whl/*.whl >> "$out/install.log" 2>&1 \
+        && rm -rf /tmp/site-extra/opentelemetry/__init__.py && touch /tmp/site-extra/.pr1-extra
 fi
-export PYTHONPATH="$PWD:$PYTHONPATH"
+export PYTHONPATH="$PWD:$PYTHONPATH:/tmp/site-extra"
 [ -d /tmp/pr1-assets/vl7b ] || python3 -m benchmarks.assets /tmp/pr1-assets > "$out/assets.log" 2>&1
 run() {  # run NAME SECONDS CMD...
     local name="$1" secs="$2"; shift 2; local t0=$(date +%s)
