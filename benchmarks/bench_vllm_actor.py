@@ -84,7 +84,7 @@ def in_actor(args) -> dict:
     from perception_r1.config import parse_config
     from perception_r1.driver import build_engine
 
-    ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+    ray.init(include_dashboard=False)
     cfg = parse_config({"model": {"type": "pretrained", "path": args.model, "random_weights": True},
                         "rollout": {"engine": engine_cfg(args).model_dump(), "num_gpus_per_actor": 1}})
     calls = args.prompts // args.per_call

@@ -67,7 +67,7 @@ def main() -> None:
     from perception_r1.config import parse_config
     from perception_r1.driver import build_engine
 
-    ray.init(include_dashboard=False, runtime_env={"env_vars": {"NCCL_NVLS_ENABLE": "0", "PYTHONPATH": os.getcwd()}})
+    ray.init(include_dashboard=False, runtime_env={"env_vars": {"NCCL_NVLS_ENABLE": "0"}})
     cfg = parse_config({"model": {"type": "pretrained", "path": args.model, "random_weights": True},
                         "rollout": {"engine": {"type": "vllm", "load_format": "dummy", "enforce_eager": args.eager,
                                                "gpu_memory_utilization": 0.6, "max_model_len": 4096},
