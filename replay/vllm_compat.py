@@ -32,6 +32,7 @@ def make_async_engine(model_path: str, *, tensor_parallel_size: int, gpu_memory_
     """An AsyncLLM with vLLM's NCCL weight-transfer backend; logprobs of the processed (sampled) distribution."""
     check_version()
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # avoids minutes of JIT at start (gpu notes)
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc of weight_corners (a function)
     from vllm.config import WeightTransferConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
