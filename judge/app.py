@@ -73,7 +73,8 @@ class RewardServer:
         self.replica = uuid.uuid4().hex
         self.board = board
         self.scorer = GroupScorer(cfg, verifier=VerifierPool(num_workers=num_verify_workers, timeout_s=verify_timeout_s),
-                                  judge=JudgeClient(cfg, endpoint))
+                                  judge=JudgeClient(cfg, endpoint, backoff_s=cfg.retry_backoff_s,
+                                                    backoff_max_s=cfg.retry_backoff_max_s))
 
     async def score(self, group: RolloutGroup) -> ScoredGroup:
         scored = await self.scorer.score(group)
@@ -132,25 +133,26 @@ class VLLMJudgeServer:
 
     def __init__(self, llm: VLLMJudge) -> None:
         from transformers import AutoTokenizer
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from replay import vllm_compat
 
         self.model = llm.model_path
         self.tokenizer = AutoTokenizer.from_pretrained(llm.model_path, local_files_only=True)
-        args = AsyncEngineArgs(model=llm.model_path, tensor_parallel_size=llm.tensor_parallel_size,
-                               gpu_memory_utilization=llm.gpu_memory_utilization, max_model_len=llm.max_model_len,
-                               load_format=llm.load_format)
-        self.engine = AsyncLLM.from_engine_args(args)
+        self.engine = vllm_compat.make_async_engine(
+            llm.model_path, tensor_parallel_size=llm.tensor_parallel_size,
+            gpu_memory_utilization=llm.gpu_memory_utilization, max_model_len=llm.max_model_len,
+            enforce_eager=llm.enforce_eager, load_format=llm.load_format, seed=0,
+            kv_cache_memory_bytes=llm.kv_cache_memory_bytes, weight_transfer=False, multimodal=False)
 
     @vllm_api.post("/v1/chat/completions")
     async def chat(self, body: dict) -> dict[str, Any]:
-        from vllm import SamplingParams
+        from replay import vllm_compat
 
         prompt = self.tokenizer.apply_chat_template(body.get("messages") or [], tokenize=False,
                                                     add_generation_prompt=True)
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 512
-        params = SamplingParams(n=_num_choices(body), temperature=float(body.get("temperature", 1.0)),
-                                max_tokens=int(max_tokens))
+        params = vllm_compat.text_sampling_params(n=_num_choices(body), temperature=float(body.get("temperature", 1.0)),
+                                                  max_tokens=int(max_tokens))
         final = None
         async for output in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex):
             final = output

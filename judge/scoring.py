@@ -44,11 +44,8 @@ class GroupScorer:
         return ScoredGroup(group=group, rewards=rewards, judge_seconds=time.perf_counter() - started)
 
     def stats(self) -> JudgeStats:
-        """The judge's counters, plus `num_verify_timeouts` (verifications that timed out or crashed,
-        scored 0) once `JudgeStats` has that field."""
+        """The judge's counters, plus `num_verify_timeouts` (verifications that timed out or crashed, scored 0)."""
         stats = self.judge.stats(num_groups=self.num_groups)
-        if "num_verify_timeouts" not in {f.name for f in dataclasses.fields(JudgeStats)}:
-            return stats
         c = self.verifier.counters
         return dataclasses.replace(stats, num_verify_timeouts=c.num_timeouts + c.num_crashes)
 

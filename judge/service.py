@@ -21,10 +21,6 @@ from replay.records import JudgeStats, RolloutGroup, ScoredGroup
 log = logging.getLogger(__name__)
 
 REWARD_APP, JUDGE_LLM_APP = "reward", "judge-llm"
-NUM_VERIFY_WORKERS = 2
-"""Accuracy worker processes per reward replica (local default until JudgeConfig has a field)."""
-VERIFY_TIMEOUT_S = 10.0
-"""Bound on one accuracy verification (local default until JudgeConfig has a field)."""
 
 
 class JudgeService:
@@ -82,7 +78,8 @@ def start_judge(cfg: JudgeConfig) -> JudgeService:
         endpoint = JudgeEndpoint(llm.base_url, llm.model, api_key_env=llm.api_key_env)
     board = StatsBoard.remote()
     reward = RewardServer.options(num_replicas=cfg.num_reward_replicas).bind(
-        cfg, endpoint, board=board, num_verify_workers=NUM_VERIFY_WORKERS, verify_timeout_s=VERIFY_TIMEOUT_S)
+        cfg, endpoint, board=board, num_verify_workers=cfg.num_verify_workers,
+        verify_timeout_s=cfg.verify_timeout_s)
     handle = serve.run(reward, name=REWARD_APP, route_prefix=f"/{REWARD_APP}")
     ray.get(board.all.remote())  # the board is up before the first report
     handle.warm_up.remote().result()

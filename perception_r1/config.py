@@ -87,6 +87,8 @@ class FileData(Section):
     type: Literal["file"] = "file"
     path: str
     """A parquet or JSONL file with `problem` (with `<image>`), `answer`, `images`, optional `visual_key_info`."""
+    on_bad_row: Literal["skip", "raise"] = "skip"
+    """Rows without an image or answer, undecodable images, bad text: skip and count them, or fail."""
 
 
 class DataConfig(Section):
@@ -192,18 +194,25 @@ class VLLMJudge(Section):
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=0.98)
     max_model_len: int = Field(8192, ge=256)
     load_format: Literal["auto", "dummy", "safetensors"] = "auto"
+    enforce_eager: bool = False
+    kv_cache_memory_bytes: int | None = Field(None, ge=1 << 20)
+    """Cap the KV cache (small judge models otherwise reserve millions of tokens)."""
 
 
 class JudgeConfig(Section):
     reward: RewardConfig = RewardConfig()
     llm: Annotated[Union[LexicalJudge, ExternalJudge, VLLMJudge], Field(discriminator="type")] = LexicalJudge()
     verdict_mode: Literal["reference", "strict"] = "reference"
-    """`reference`: K counted from the judge's tags; `strict`: K = number of annotations, missing items 0."""
+    """`reference`: K counted from the judge's tags; `strict`: K = number of annotations, missing items 0.
+    `reward.mode: fixed` always counts strictly (the spec's treatment of the K bug)."""
     temperature: float = Field(0.0, ge=0.0)
     max_tokens: int = Field(512, ge=1)
     timeout_s: float = Field(60.0, gt=0.0)
     """Per-request timeout for the judge LLM."""
     max_retries: int = Field(2, ge=0)
+    retry_backoff_s: float = Field(0.5, gt=0.0)
+    """Base of the exponential backoff (full jitter) between retries."""
+    retry_backoff_max_s: float = Field(8.0, gt=0.0)
     max_concurrency: int = Field(512, ge=1)
     """Judge requests in flight per reward replica."""
     fallback_visual: float = Field(0.0, ge=0.0, le=1.0)
@@ -215,6 +224,10 @@ class JudgeConfig(Section):
     cache_size: int = Field(10000, ge=0)
     """Judgements cached by (response, annotations); 0 disables the cache."""
     num_reward_replicas: int = Field(1, ge=1)
+    num_verify_workers: int = Field(2, ge=1)
+    """Accuracy-verification worker processes per reward replica (math-verify, killable)."""
+    verify_timeout_s: float = Field(10.0, gt=0.0)
+    """A verification running longer is killed and scores 0 (counted)."""
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
 

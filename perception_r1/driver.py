@@ -77,7 +77,7 @@ def load_prompts(cfg: Config) -> list:
         return make_problems(source)
     from dataprep.loaders import load_prompts as load_file
 
-    return load_file(source.path)
+    return load_file(source.path, on_bad_row=source.on_bad_row)
 
 
 def init_ray(cfg: Config) -> None:

@@ -60,6 +60,7 @@ def judge_metrics(now: JudgeStats, before: JudgeStats) -> dict[str, float]:
         "judge/unparseable": delta("num_unparseable"),
         "judge/breaker_rejections": delta("num_breaker_rejections"),
         "judge/k_mismatch": delta("num_k_mismatch"),
+        "judge/verify_timeouts": delta("num_verify_timeouts"),
         "judge/breaker_open": float(now.breaker_open),
         "judge/latency_p50_s": now.latency_p50_s,
         "judge/latency_p99_s": now.latency_p99_s,

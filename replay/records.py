@@ -233,6 +233,8 @@ class JudgeStats:
     num_breaker_rejections: int = 0
     num_k_mismatch: int = 0
     """Judgements whose tag count K differed from the number of annotations m."""
+    num_verify_timeouts: int = 0
+    """Accuracy verifications that overran the timeout or whose worker died; scored 0."""
     breaker_open: bool = False
     latency_p50_s: float = 0.0
     latency_p99_s: float = 0.0

@@ -27,9 +27,11 @@ def check_version() -> str:
 
 # ------------------------------------------------------------------------------------- engine side
 def make_async_engine(model_path: str, *, tensor_parallel_size: int, gpu_memory_utilization: float,
-                      max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int, enforce_eager: bool,
-                      load_format: str, seed: int, kv_cache_memory_bytes: int | None = None):
-    """An AsyncLLM with vLLM's NCCL weight-transfer backend; logprobs of the processed (sampled) distribution."""
+                      max_model_len: int, max_num_seqs: int = 1024, max_num_batched_tokens: int = 8192,
+                      enforce_eager: bool, load_format: str, seed: int, kv_cache_memory_bytes: int | None = None,
+                      weight_transfer: bool = True, multimodal: bool = True):
+    """An AsyncLLM; for generation actors with vLLM's NCCL weight-transfer backend and logprobs of the
+    processed (sampled) distribution; for the judge a plain text engine."""
     check_version()
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # avoids minutes of JIT at start (gpu notes)
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc of weight_corners (a function)
@@ -38,13 +40,22 @@ def make_async_engine(model_path: str, *, tensor_parallel_size: int, gpu_memory_
     from vllm.v1.engine.async_llm import AsyncLLM
 
     extra = {"kv_cache_memory_bytes": kv_cache_memory_bytes} if kv_cache_memory_bytes else {}
+    if weight_transfer:
+        extra |= {"weight_transfer_config": WeightTransferConfig(backend="nccl"), "logprobs_mode": "processed_logprobs"}
+    if multimodal:
+        extra["limit_mm_per_prompt"] = {"image": 1, "video": 0}
     args = AsyncEngineArgs(
         model=model_path, tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
         max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         enforce_eager=enforce_eager, load_format=load_format, seed=seed, dtype="bfloat16",
-        limit_mm_per_prompt={"image": 1, "video": 0}, enable_prefix_caching=True,
-        logprobs_mode="processed_logprobs", weight_transfer_config=WeightTransferConfig(backend="nccl"), **extra)
+        enable_prefix_caching=True, **extra)
     return AsyncLLM.from_engine_args(args)
+
+
+def text_sampling_params(*, n: int, temperature: float, max_tokens: int):
+    from vllm import SamplingParams
+
+    return SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens)
 
 
 def sampling_params(*, n: int, temperature: float, top_p: float, max_tokens: int, seed: int,

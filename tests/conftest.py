@@ -31,3 +31,15 @@ def ray_cluster():
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only where CUDA is (the device machine), whatever -m says."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine: pytest -m gpu tests/gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
