@@ -43,6 +43,10 @@ BadRowPolicy = Literal["skip", "raise"]
 IMAGE_PLACEHOLDER = "<image>"
 OUTPUT_NAMES = ("dataset.parquet", "dataset.jsonl")
 """The dataset file names `prepare-data` writes into its output folder."""
+MAX_IMAGE_PIXELS = 64_000_000
+MAX_ASPECT_RATIO = 200
+"""The limits `perception_r1.vl.prepare_image` enforces (not imported from there: it pulls in torch);
+an image over them would fail at generation time, so its row is skipped here instead."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +58,7 @@ class SkippedRow:
     id: str
     reason: str
     """Short slug: missing_image, undecodable_image, missing_answer, missing_problem, not_utf8,
-    bad_placeholder, multiple_images, invalid_json."""
+    bad_placeholder, multiple_images, invalid_json, huge_image, elongated_image."""
     detail: str
 
 
@@ -330,11 +334,24 @@ def normalize_image(data: bytes) -> bytes:
 
     try:
         with Image.open(io.BytesIO(data)) as img:
+            _check_size(img.width, img.height)
             img.load()
             if img.format in ("PNG", "JPEG"):
                 return data
             out = io.BytesIO()
             img.save(out, format="PNG")
             return out.getvalue()
+    except _BadRow:
+        raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         raise _BadRow("undecodable_image", f"image does not decode ({type(e).__name__}: {e})", "replace the image") from None
+
+
+def _check_size(width: int, height: int) -> None:
+    """Refuse, before decoding, what `perception_r1.vl.prepare_image` would refuse after it."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise _BadRow("huge_image", f"image is {width}x{height}, over {MAX_IMAGE_PIXELS:,} pixels",
+                      "downscale it in the dataset")
+    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+        raise _BadRow("elongated_image", f"image is {width}x{height}, more elongated than {MAX_ASPECT_RATIO}:1",
+                      "crop or pad it in the dataset")
