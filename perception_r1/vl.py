@@ -56,9 +56,14 @@ def load_processor(path: str | Path) -> Qwen2_5_VLProcessor:
     if not path.is_dir():
         raise ValueError(f"model folder {path} does not exist; build the tiny model "
                          "(`perception-r1 build-tiny-model`) or set model.path to a local model folder")
-    if is_torchvision_available():
-        return AutoProcessor.from_pretrained(path)
-    return CpuQwen2_5_VLProcessor.from_pretrained(path)
+    try:
+        if is_torchvision_available():
+            return AutoProcessor.from_pretrained(path)
+        return CpuQwen2_5_VLProcessor.from_pretrained(path)
+    except (OSError, ValueError) as e:  # transformers: missing files (OSError), broken JSON (ValueError)
+        raise ValueError(f"model folder {path} has no loadable processor ({type(e).__name__}: {e}); it needs the "
+                         "processor and tokenizer files saved with the model (preprocessor_config.json, "
+                         "tokenizer.json, tokenizer_config.json)") from None
 
 
 # ------------------------------------------------------------------------------------------ image
