@@ -16,7 +16,9 @@ Who unblocks whom: the learner's publish_version() opens the staleness window, i
 capacity; both wake reserve(), which wakes the dispatch loop. Generation never waits for learning
 beyond the window `max_staleness` allows; learning waits only for admissible groups.
 Nothing is lost silently: a failed generate call releases its reservations and requeues its
-prompts; a dropped or evicted group is counted; every seq ends trained, dropped, evicted or pending.
+prompts; a call the engine refuses (ValueError: a prompt over data.max_prompt_tokens, an image it
+cannot use) releases them and counts its prompts as skipped; a dropped or evicted group is counted;
+every seq ends trained, dropped, evicted, skipped or pending.
 """
 
 from __future__ import annotations
@@ -93,6 +95,14 @@ class Orchestrator:
             log.warning("generation actor %d failed with %d prompts in flight (%s); requeued them", idx,
                         len(batch), type(e).__name__)
             self.stream.requeue(seqs)
+            await self.buffer.release.remote(len(batch))
+            return
+        except ray.exceptions.RayTaskError as e:
+            if not isinstance(e, ValueError):  # Ray keeps the cause's type; ValueError: the engine refused a prompt
+                raise
+            self.counters["skipped_prompts"] += len(batch)
+            log.warning("generation actor %d refused a call of %d prompts (%s); skipped them", idx, len(batch), e.cause)
+            self.stream.resolve(seqs)  # never retried: the same prompt would fail the same way
             await self.buffer.release.remote(len(batch))
             return
         finally:
