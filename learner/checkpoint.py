@@ -3,16 +3,24 @@ each rank writes its own shard), the LR scheduler and the policy_version.
 
 A checkpoint folder `step_<N>` is complete only once the driver has added its own part and renamed
 it from `step_<N>.tmp` (see perception_r1/checkpoints.py); the learner never reads a `.tmp` folder.
+
+Loading unpickles nothing arbitrary: DCP pickles its `.metadata` index and the non-tensor entries
+(optimizer hyperparameters), and would unpickle them unrestricted on load. The index is checked first
+with an unpickler that admits only DCP's metadata classes, and the entries go through
+`torch.load(weights_only=True)`, so a tampered checkpoint fails with a ValueError instead of running code.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 LEARNER_DIR = "learner"
@@ -36,11 +44,64 @@ def load_learner(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.O
         raise ValueError(f"{path} is not a learner checkpoint (no {LEARNER_META}); pick a complete step_<N> folder")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=str(path / LEARNER_DIR))
+    check_metadata(path / LEARNER_DIR)
+    planner = _WeightsOnlyLoadPlanner()
+    try:
+        dcp.load(state, checkpoint_id=str(path / LEARNER_DIR), planner=planner)
+    except CheckpointException:
+        if not planner.refused:
+            raise
+        raise ValueError(f"{path / LEARNER_DIR} holds an entry that is not plain data ({planner.refused}); refusing "
+                         "to unpickle it: resume only from checkpoints this trainer wrote") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     meta = json.loads(meta_file.read_text(encoding="utf-8"))
     scheduler.load_state_dict(meta["scheduler"])
     return int(meta["version"])
+
+
+# ------------------------------------------------------------------------------- safe unpickling
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                     ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+                     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits DCP's metadata classes, torch dtypes and paths; anything else is refused."""
+
+    def find_class(self, module: str, name: str):
+        allowed = (module == "torch.distributed.checkpoint.metadata" or (module, name) in _METADATA_GLOBALS
+                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint index")
+        return super().find_class(module, name)
+
+
+def check_metadata(folder: Path) -> None:
+    """Unpickle DCP's index files under `folder` with the restricted unpickler; ValueError if one is not an index."""
+    for file in sorted(folder.glob("*.metadata")):
+        try:
+            with open(file, "rb") as f:
+                _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError) as e:
+            raise ValueError(f"{file} is not a checkpoint index ({type(e).__name__}: {e}); refusing to load it: "
+                             "resume only from checkpoints this trainer wrote") from None
+
+
+class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner, but non-tensor entries must pass `torch.load(weights_only=True)` (DCP uses False)."""
+
+    refused = ""
+    """Why an entry was refused (DCP wraps the error in a CheckpointException)."""
+
+    def load_bytes(self, read_item, value) -> None:
+        try:
+            torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            lines = str(e).splitlines()
+            self.refused = next((line for line in lines if "GLOBAL" in line), lines[0])
+            raise
+        value.seek(0)
+        super().load_bytes(read_item, value)
 
 
 def _rank() -> int:
