@@ -56,7 +56,15 @@ class Learner:
             self._update(mb, mb_old, normalizer=normalizer / self.cfg.num_minibatches, totals=totals)
         metrics = _finish(totals)
         metrics["learner/step_seconds"] = time.perf_counter() - start
+        metrics["learner/optimizer_steps"] = float(self._optimizer_steps())
         return metrics
+
+    def _optimizer_steps(self) -> int:
+        """AdamW's own step count (it lives in the optimizer state, so a resumed run continues it)."""
+        for state in self.optimizer.state.values():
+            if "step" in state:
+                return int(state["step"])
+        return 0
 
     def sequences(self, groups: list[ScoredGroup]) -> list[Sequence]:
         """Rollouts with their group-normalised advantages and re-encoded images."""

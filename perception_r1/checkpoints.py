@@ -6,6 +6,7 @@ Resume picks the newest folder that loads; a corrupt one is skipped with a warni
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -50,16 +51,18 @@ def load_latest(root: Path) -> tuple[Path, DriverState] | None:
     for path in sorted(root.glob("step_*[0-9]"), reverse=True):
         try:
             return path, read_driver_state(path)
-        except (OSError, ValueError, KeyError, TypeError, msgpack.UnpackException) as e:
+        except (OSError, ValueError, KeyError, TypeError, msgpack.UnpackException, json.JSONDecodeError) as e:
             log.warning("checkpoint %s is unreadable (%s: %s); falling back to an older one", path,
                         type(e).__name__, e)
     return None
 
 
 def read_driver_state(path: Path) -> DriverState:
+    """The driver's part, after checking the learner's part is all there (metadata and shard index)."""
+    json.loads((path / "learner.json").read_text(encoding="utf-8"))
+    if not (path / "learner" / ".metadata").is_file():
+        raise ValueError("learner/.metadata (the shard index) is missing")
     raw = msgpack.unpackb((path / DRIVER_FILE).read_bytes(), raw=False)
-    if not (path / "learner.json").is_file():
-        raise ValueError("learner.json missing")
     stream = StreamState(next_seq=int(raw["next_seq"]), pending=[int(s) for s in raw["pending"]])
     return DriverState(version=int(raw["version"]), stream=stream,
                        buffered=[codec.decode(b, ScoredGroup) for b in raw["buffered"]])

@@ -80,17 +80,22 @@ def load_prompts(cfg: Config) -> list:
     return load_file(source.path, on_bad_row=source.on_bad_row)
 
 
-def init_ray(cfg: Config) -> None:
+def init_ray(cfg: Config) -> str:
+    """Connect to Ray: `reused` (this process is already connected: a test, a notebook), `joined` (a
+    running cluster: `cluster.address`, or `RAY_ADDRESS` as `ray job submit` sets it) or `local` (start one)."""
     import ray
 
+    if ray.is_initialized():
+        return "reused"
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"NCCL_NVLS_ENABLE": "0", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                         "TRANSFORMERS_OFFLINE": "1"}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
-    else:
-        ray.init(num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus, runtime_env=env,
-                 include_dashboard=cfg.cluster.include_dashboard, dashboard_host=cfg.cluster.dashboard_host)
+        return "joined"
+    ray.init(num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus, runtime_env=env,
+             include_dashboard=cfg.cluster.include_dashboard, dashboard_host=cfg.cluster.dashboard_host)
+    return "local"
 
 
 def build_actors(cfg: Config, model_path: str) -> list:
@@ -173,11 +178,11 @@ def train(cfg: Config, *, resume: bool = False) -> RunResult:
     if cfg.sft.enabled:
         model_path = warm_start(cfg, model_path, prompts)
     restored = _find_resume(run_dir) if resume else None
-    init_ray(cfg)
+    connection = init_ray(cfg)
     try:
         return _run(cfg, model_path=model_path, prompts=prompts, run_dir=run_dir, restored=restored)
     finally:
-        _shutdown()
+        _shutdown(connection)
 
 
 def _find_resume(run_dir: Path):
@@ -200,22 +205,28 @@ def _run(cfg: Config, *, model_path: str, prompts: list, run_dir: Path, restored
 
     ckpt_path, state = restored if restored else (None, None)
     stream = PromptStream(prompts, shuffle_seed=cfg.data.shuffle_seed, state=state.stream if state else None)
+    sinks, mlflow_sink = build_sinks(cfg, run_dir, resume=restored is not None)  # fail fast on a bad URI
     judge = start_judge(cfg.judge)
     buffer = build_buffer(cfg, initial_version=state.version if state else 0)
     actors = build_actors(cfg, model_path)
     reports = Queue(actor_options={"num_cpus": 0})
-    sinks, mlflow_sink = build_sinks(cfg, run_dir, resume=restored is not None)
     wiring = LearnerWiring(config=cfg.model_dump(mode="json"), model_path=model_path, buffer=buffer,
                            actors=actors, reports=reports, checkpoint_root=str((run_dir / "checkpoints").resolve()),
                            resume_from=str(ckpt_path) if ckpt_path else None,
                            weight_transport="torch" if isinstance(cfg.rollout.engine, HFEngine) else "vllm")
     session = Session(cfg, stream=stream, actors=actors, judge=judge, buffer=buffer, reports=reports, sinks=sinks,
-                      start_version=state.version if state else 0, buffered=state.buffered if state else [])
+                      start_version=state.version if state else 0, buffered=state.buffered if state else [],
+                      ledger=run_dir / "trained.jsonl")
     trainer = build_trainer(cfg, wiring, run_dir)
-    stopped = _run_until_done(session, trainer)
-    sinks.close(status="KILLED" if stopped else "FINISHED")
-    judge.stop()
-    ray.kill(reports.actor)
+    status = "FAILED"
+    try:
+        stopped = _run_until_done(session, trainer)
+        status = "KILLED" if stopped else "FINISHED"
+    finally:
+        sinks.close(status=status)
+        judge.stop()
+        for handle in [buffer, reports.actor, *actors]:
+            ray.kill(handle)
     return RunResult(run_dir=run_dir, final_version=session.version, steps_logged=session.steps_logged,
                      mlflow_run_id=mlflow_sink.run_id, counters=dict(session.counters()), stopped_early=stopped,
                      history=session.history)
@@ -227,12 +238,13 @@ def _run_until_done(session, trainer) -> bool:
     fit = threading.Thread(target=lambda: result.update(out=_fit(trainer)), name="learner-fit", daemon=True)
     fit.start()
     loop = asyncio.new_event_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    for sig in signals:  # a caller running train() in a thread keeps its own signal handling
         loop.add_signal_handler(sig, session.request_stop)
     try:
         loop.run_until_complete(session.run(learner_alive=fit.is_alive))
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in signals:
             loop.remove_signal_handler(sig)
         loop.close()
     fit.join(timeout=120)
@@ -250,14 +262,18 @@ def _fit(trainer):
         return e
 
 
-def _shutdown() -> None:
+def _shutdown(connection: str) -> None:
+    """Leave a cluster we joined or reused running (our own apps and actors are already gone)."""
     import ray
     from ray import serve
 
+    if connection == "reused":
+        return
     start = time.perf_counter()
-    try:
-        serve.shutdown()
-    except Exception as e:  # noqa: BLE001 -- shutting down: report and go on
-        log.warning("serve.shutdown failed: %s", e)
+    if connection == "local":
+        try:
+            serve.shutdown()
+        except Exception as e:  # noqa: BLE001 -- shutting down: report and go on
+            log.warning("serve.shutdown failed: %s", e)
     ray.shutdown()
-    log.info("Ray shut down in %.1fs", time.perf_counter() - start)
+    log.info("Ray %s in %.1fs", "shut down" if connection == "local" else "disconnected", time.perf_counter() - start)

@@ -7,7 +7,9 @@ the learner ends, or on request (Ctrl-C / SIGTERM: the buffer closes, the learne
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,8 +30,11 @@ log = logging.getLogger("perception_r1")
 
 class Session:
     def __init__(self, cfg: Config, *, stream: PromptStream, actors: list, judge, buffer, reports, sinks,
-                 start_version: int, buffered: list[ScoredGroup]) -> None:
+                 start_version: int, buffered: list[ScoredGroup], ledger: Path) -> None:
         self.cfg, self.stream, self.actors, self.judge, self.buffer = cfg, stream, actors, judge, buffer
+        self.ledger = ledger
+        self.session_id = f"{os.getpid()}-{int(time.time())}"
+        """`trained.jsonl`: one line per learner step, the stream positions and prompt ids it trained (audit, resume checks)."""
         self.reports, self.sinks, self.version, self.buffered = reports, sinks, start_version, buffered
         settings = DispatchSettings(prompts_per_call=cfg.rollout.prompts_per_call,
                                     max_inflight_per_actor=cfg.rollout.max_inflight_per_actor,
@@ -87,6 +92,8 @@ class Session:
             await self._on_record(record)
 
     async def _on_record(self, record: LearnerStepRecord) -> None:
+        if record.seqs:
+            self._append_ledger(record)
         self.stream.resolve(record.seqs)
         self.stream.resolve(await self.buffer.pop_evicted_seqs.remote())
         if "learner/final" not in record.metrics:
@@ -105,6 +112,12 @@ class Session:
                                           samples_s=f"{metrics.get('throughput/samples_per_s', 0):.2f}")
         if record.checkpoint_path:
             await self._complete_checkpoint(Path(record.checkpoint_path), version=record.version)
+
+    def _append_ledger(self, record: LearnerStepRecord) -> None:
+        line = {"session": self.session_id, "step": record.step, "version": record.version, "seqs": list(record.seqs),
+                "prompt_ids": [self.stream.prompt_at(seq).id for seq in record.seqs]}
+        with open(self.ledger, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
 
     async def _step_metrics(self, record: LearnerStepRecord) -> dict[str, float]:
         now = time.perf_counter()
@@ -129,6 +142,7 @@ class Session:
         buffered = await asyncio.gather(*[refs[0] for refs, _ in entries])
         state = checkpoints.DriverState(version=version, stream=self.stream.state(), buffered=list(buffered))
         final = checkpoints.complete(tmp, state, keep=self.cfg.checkpoint.keep)
+        self.sinks.call("log_checkpoint", str(final), version=version)
         log.info("checkpoint %s complete (version %d, %d buffered groups)", final, version, len(buffered))
 
 

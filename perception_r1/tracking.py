@@ -51,6 +51,10 @@ class MlflowSink:
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self.mlflow.log_metrics({_safe_key(k): float(v) for k, v in metrics.items()}, step=step)
 
+    def log_checkpoint(self, path: str, *, version: int) -> None:
+        """Checkpoints stay where they are written; the run references the newest one."""
+        self.mlflow.set_tags({"checkpoint.latest": path, "checkpoint.version": str(version)})
+
     def log_table(self, table: dict[str, list], *, artifact_file: str) -> None:
         self.mlflow.log_table(data=table, artifact_file=artifact_file)
 

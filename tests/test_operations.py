@@ -1,0 +1,189 @@
+"""Operating a run: resume after SIGKILL continues exactly, a corrupt newest checkpoint falls back,
+`ray job submit` against a running head node, the system's own metrics on the Ray metrics endpoint."""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import msgpack
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["sft.enabled=false", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=24", "learner.prompts_per_step=2",
+         "buffer.max_groups=8", "tracking.progress_bar=false", "tracking.log_rollouts_every=0",
+         "data.dataset.num_problems=64"]
+
+
+def overrides(tmp_path: Path, *extra: str) -> list[str]:
+    return [*SMALL, f"run.output_dir={tmp_path}", f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db",
+            f"model.cache_dir={tmp_path}/tiny", *extra]
+
+
+def cli(args: list[str], *, env=None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "perception_r1.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def fake_checkpoint(root: Path, version: int) -> Path:
+    path = root / f"step_{version:06d}"
+    (path / "learner").mkdir(parents=True)
+    (path / "learner" / ".metadata").write_bytes(b"x")
+    (path / "learner.json").write_text(json.dumps({"version": version, "scheduler": {}}))
+    payload = {"version": version, "next_seq": 10 * version, "pending": [3], "buffered": []}
+    (path / "driver.msgpack").write_bytes(msgpack.packb(payload))
+    return path
+
+
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
+    from perception_r1.checkpoints import load_latest
+
+    fake_checkpoint(tmp_path, 2)
+    newest = fake_checkpoint(tmp_path, 4)
+    (tmp_path / "step_000006.tmp").mkdir()  # an interrupted write is never a candidate
+    assert load_latest(tmp_path)[1].version == 4
+    (newest / "driver.msgpack").write_bytes(b"\x93garbage")
+    with caplog.at_level(logging.WARNING, logger="perception_r1"):
+        path, state = load_latest(tmp_path)
+    assert path.name == "step_000002" and state.version == 2 and state.stream.next_seq == 20
+    assert "step_000004 is unreadable" in caplog.text and "falling back" in caplog.text
+    (tmp_path / "step_000002" / "learner" / ".metadata").unlink()  # a missing shard index is corrupt too
+    assert load_latest(tmp_path) is None
+
+
+# ------------------------------------------------------------------------------------------- resume
+@pytest.mark.slow
+def test_sigkill_then_resume_continues_exactly(tmp_path):
+    args = ["train", "configs/demo-cpu.yaml", *sum((["--set", o] for o in overrides(
+        tmp_path, "run.num_steps=8", "checkpoint.every_steps=2", "checkpoint.keep=5")), [])]
+    run_dir = tmp_path / "demo-cpu"
+    first = cli(args)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "step_000004").is_dir():
+        assert first.poll() is None, first.stdout.read()[-3000:]
+        assert time.time() < deadline, "no checkpoint at step 4 within 300 s"
+        time.sleep(0.5)
+    first.send_signal(signal.SIGKILL)  # no chance to checkpoint or clean up
+    first.wait()
+    second = cli(args + ["--resume"])
+    out, _ = second.communicate(timeout=400)
+    assert second.returncode == 0, out[-3000:]
+    lines = [json.loads(x) for x in (run_dir / "trained.jsonl").read_text().splitlines()]
+    sessions = list(dict.fromkeys(x["session"] for x in lines))
+    assert len(sessions) == 2
+    before = [x for x in lines if x["session"] == sessions[0] and x["version"] <= 4]
+    after = [x for x in lines if x["session"] == sessions[1]]
+    assert [x["version"] for x in before] == [1, 2, 3, 4] and [x["version"] for x in after] == [5, 6, 7, 8]
+    trained = [seq for x in before + after for seq in x["seqs"]]
+    assert len(trained) == len(set(trained)) == 16, "a prompt was trained twice"
+    assert sorted(trained) == list(range(16)), "a prompt was skipped"
+    # the optimizer's own state continued: AdamW's step count at version 5 is 5, not 1
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    history = mlflow.MlflowClient().get_metric_history(run_id, "learner/optimizer_steps")
+    by_step = {m.step: m.value for m in history}
+    assert by_step[4] == 5.0 and by_step[7] == 8.0
+    assert sorted(by_step) == list(range(8))  # one mlflow run, every step logged
+
+
+# ------------------------------------------------------------------------------------- ray job submit
+@pytest.mark.slow
+def test_ray_job_submit_against_a_running_head(tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    gcs, dash = free_port(), free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})  # as if run in the venv
+    try:
+        client = wait_for_jobs_api(f"http://127.0.0.1:{dash}")
+        sets = " ".join(f"--set {o}" for o in overrides(tmp_path, "run.num_steps=2", "checkpoint.every_steps=0"))
+        job = client.submit_job(entrypoint=f"perception-r1 train configs/demo-cpu.yaml {sets}",
+                                runtime_env={"working_dir": str(REPO)})
+        deadline = time.time() + 400
+        while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            assert time.time() < deadline, client.get_job_logs(job)[-3000:]
+            time.sleep(2)
+        logs = client.get_job_logs(job)
+        assert status == JobStatus.SUCCEEDED, logs[-3000:]
+        assert "done: version 2" in logs
+        import mlflow
+
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+        run_id = (tmp_path / "demo-cpu" / "mlflow_run_id").read_text().strip()
+        run = mlflow.MlflowClient().get_run(run_id)
+        assert run.info.status == "FINISHED" and "reward/total" in run.data.metrics
+    finally:
+        head.send_signal(signal.SIGTERM)  # --block: stopping the command stops its Ray processes
+        head.wait(timeout=60)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def wait_for_jobs_api(address: str):
+    """A Jobs API client; token authentication stays on (Ray 2.60's default): the head wrote the token."""
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.time() + 90
+    while True:
+        try:
+            token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+            return JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
+        except Exception:  # noqa: BLE001 -- the head is still starting
+            assert time.time() < deadline, f"no Jobs API at {address}"
+            time.sleep(1)
+
+
+# ------------------------------------------------------------------------------------- metrics endpoint
+@pytest.mark.slow
+def test_system_metrics_on_the_ray_metrics_endpoint(tmp_path, monkeypatch):
+    import ray
+
+    from perception_r1.config import load_config
+    from perception_r1.driver import train
+
+    monkeypatch.chdir(tmp_path)
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=port,
+             _system_config={"metrics_report_interval_ms": 1000})
+    try:
+        cfg = load_config(REPO / "configs" / "demo-cpu.yaml", overrides(tmp_path, "run.num_steps=30"))
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: (train(cfg), done.set()), daemon=True)
+        thread.start()
+        found, deadline = "", time.time() + 300
+        while time.time() < deadline and not done.is_set():
+            try:
+                found = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            except OSError:
+                found = ""
+            if "perception_r1_reward_total" in found and "perception_r1_gen_tokens_per_s" in found:
+                break
+            time.sleep(1)
+        thread.join(timeout=300)
+    finally:
+        ray.shutdown()
+    assert "perception_r1_reward_total" in found, found[-2000:]
+    assert 'actor="0"' in found  # per-actor series are tagged
+    for name in ("buffer_depth", "learner_step_seconds", "sync_seconds", "judge_latency_p50_s", "judge_failures"):
+        assert f"perception_r1_{name}" in found, name
