@@ -187,3 +187,30 @@ def test_system_metrics_on_the_ray_metrics_endpoint(tmp_path, monkeypatch):
     assert 'actor="0"' in found  # per-actor series are tagged
     for name in ("buffer_depth", "learner_step_seconds", "sync_seconds", "judge_latency_p50_s", "judge_failures"):
         assert f"perception_r1_{name}" in found, name
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_stops_cleanly(tmp_path):
+    """What `ray job stop` (and Ctrl-C) does: the run closes the buffer, the learner checkpoints, exit 130."""
+    args = ["train", "configs/demo-cpu.yaml", *sum((["--set", o] for o in overrides(
+        tmp_path, "run.num_steps=200", "checkpoint.every_steps=0")), [])]
+    run_dir = tmp_path / "demo-cpu"
+    proc = cli(args)
+    deadline = time.time() + 300
+    while not (run_dir / "trained.jsonl").is_file() or len((run_dir / "trained.jsonl").read_text().splitlines()) < 3:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, out[-3000:]
+    steps = len((run_dir / "trained.jsonl").read_text().splitlines())
+    from perception_r1.checkpoints import load_latest
+
+    path, state = load_latest(run_dir / "checkpoints")
+    assert state.version == steps and path.name == f"step_{steps:06d}"
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    run = mlflow.MlflowClient().get_run((run_dir / "mlflow_run_id").read_text().strip())
+    assert run.info.status == "KILLED"
+    assert run.data.tags["checkpoint.latest"] == str(path)
