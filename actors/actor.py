@@ -30,6 +30,7 @@ class GenerationActor:
         self.sampling = sampling
         self.engine: Engine = build_engine()
         self.lock = threading.Lock()
+        self.group_port = 0
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -54,7 +55,13 @@ class GenerationActor:
 
     @ray.method(concurrency_group="sync")
     def join_weight_group(self, spec: WeightGroupSpec) -> None:
-        self.engine.join_weight_group(spec)
+        self.engine.join_weight_group(spec)  # replaces any group joined before
+        self.group_port = spec.port
+
+    @ray.method(concurrency_group="sync")
+    def weight_group_port(self) -> int:
+        """The port of the broadcast group joined (0: none, e.g. just restarted by Ray)."""
+        return self.group_port
 
     @ray.method(concurrency_group="sync")
     def receive_weights(self, manifest: WeightManifest) -> int:

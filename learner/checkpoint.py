@@ -104,5 +104,12 @@ class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
         super().load_bytes(read_item, value)
 
 
+def newest_complete(root: Path) -> Path | None:
+    """The newest `step_<N>` folder (never a `.tmp`) holding the learner's part: where a restarted
+    learner worker (Ray Train `FailureConfig`) resumes from."""
+    found = sorted(p for p in root.glob("step_*[0-9]") if (p / LEARNER_META).is_file())
+    return found[-1] if found else None
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0

@@ -36,6 +36,7 @@ class WeightBroadcaster:
         self.receivers, self.rank, self.backend, self.transport = list(receivers), rank, backend, transport
         self.timeout_s, self.bucket_bytes, self.dtype, self.device = timeout_s, bucket_bytes, dtype, device
         self.group = None
+        self.port = 0
 
     def connect(self) -> float:
         """Form the broadcast group with every receiver (rank 0 only). Returns seconds taken."""
@@ -45,6 +46,7 @@ class WeightBroadcaster:
         ranks = ray.get([r.sync_ranks.remote() for r in self.receivers])
         offsets = [1 + sum(ranks[:i]) for i in range(len(ranks))]
         host, port, world = node_ip(), free_port(), 1 + sum(ranks)
+        self.port = port
         refs = [r.join_weight_group.remote(WeightGroupSpec(host, port, offset, world, self.backend, self.timeout_s))
                 for r, offset in zip(self.receivers, offsets)]
         if self.transport == "vllm":
@@ -52,8 +54,12 @@ class WeightBroadcaster:
 
             self.group = vllm_compat.trainer_join_group(host=host, port=port, world_size=world)
         else:
-            self.group = open_group(backend=self.backend, host=host, port=port, rank=0, world_size=world,
-                                    timeout_s=self.timeout_s)
+            try:
+                self.group = open_group(backend=self.backend, host=host, port=port, rank=0, world_size=world,
+                                        timeout_s=self.timeout_s)
+            except RuntimeError:  # the store timed out: say which actors never joined
+                self._wait(refs, what="join the weight broadcast group", timeout_s=1.0)
+                raise
         self._wait(refs, what="join the weight broadcast group")
         return time.perf_counter() - start
 
@@ -68,6 +74,7 @@ class WeightBroadcaster:
             for _ in tensors:  # take part in the gathers, send nothing
                 pass
             return time.perf_counter() - start, 0
+        self._ensure_members()
         refs = [r.receive_weights.remote(manifest) for r in self.receivers]
         if self.transport == "vllm":
             sent = self._send_vllm(manifest, tensors)
@@ -75,6 +82,25 @@ class WeightBroadcaster:
             sent = send(self.group, manifest, tensors, device=self.device, timeout_s=self.timeout_s)
         self._wait(refs, what=f"receive weights of version {version}")
         return time.perf_counter() - start, sent
+
+    def _ensure_members(self) -> None:
+        """Re-form the group when an actor was restarted (Ray restarts it bare: it is in no group);
+        waits for restarting actors up to the sync timeout."""
+        deadline = time.perf_counter() + self.timeout_s
+        while True:
+            try:
+                ports = ray.get([r.weight_group_port.remote() for r in self.receivers], timeout=self.timeout_s)
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                if time.perf_counter() > deadline:
+                    raise SyncTimeout(f"a generation actor did not come back within sync.timeout_s="
+                                      f"{self.timeout_s:g}s ({type(e).__name__}); its restarts may be exhausted "
+                                      "(rollout.max_restarts)") from e
+                time.sleep(1.0)
+        if any(p != self.port for p in ports):
+            print(f"learner: generation actor(s) {[i for i, p in enumerate(ports) if p != self.port]} restarted; "
+                  "re-forming the weight group", flush=True)
+            self.connect()
 
     def _send_vllm(self, manifest: WeightManifest, tensors) -> int:
         from replay import vllm_compat
@@ -90,8 +116,8 @@ class WeightBroadcaster:
         vllm_compat.trainer_send(self.group, named(), packed_buffer_bytes=manifest.bucket_bytes)
         return sent
 
-    def _wait(self, refs: list, *, what: str) -> None:
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+    def _wait(self, refs: list, *, what: str, timeout_s: float | None = None) -> None:
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s if timeout_s is None else timeout_s)
         stuck = [i for i, ref in enumerate(refs) if ref not in ready]
         if stuck:
             raise SyncTimeout(

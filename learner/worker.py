@@ -21,7 +21,7 @@ import ray
 import torch
 import torch.distributed as dist
 
-from learner.checkpoint import load_learner, save_learner
+from learner.checkpoint import load_learner, newest_complete, save_learner
 from learner.sync import WeightBroadcaster
 from learner.trainer import Learner
 from perception_r1.config import Config
@@ -53,7 +53,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.run.seed + rank)
     learner = Learner(wiring.model_path, cfg=cfg.learner, data=cfg.data, temperature=cfg.rollout.temperature,
                       device=device, random_weights=getattr(cfg.model, "random_weights", False))
-    version = _restore(learner, wiring.resume_from)
+    version = _restore(learner, newest_complete(Path(wiring.checkpoint_root)) or wiring.resume_from)
     sync = WeightBroadcaster(
         receivers=wiring.actors, rank=rank, backend=_backend(cfg, device), timeout_s=cfg.sync.timeout_s,
         bucket_bytes=cfg.sync.bucket_mb << 20, dtype=getattr(torch, cfg.learner.dtype), device=device,
@@ -132,9 +132,11 @@ def _checkpoint(wiring: LearnerWiring, learner: Learner, *, version: int) -> str
     return str(path)
 
 
-def _restore(learner: Learner, resume_from: str | None) -> int:
+def _restore(learner: Learner, resume_from: str | Path | None) -> int:
+    """From the newest complete checkpoint (a resumed run, or this worker restarted by Ray Train)."""
     if not resume_from:
         return 0
+    print(f"learner: restoring {resume_from}", flush=True)
     return load_learner(Path(resume_from), model=learner.model, optimizer=learner.optimizer,
                         scheduler=learner.scheduler)
 

@@ -289,6 +289,8 @@ class LearnerConfig(Section):
     """torch intra-op threads per worker on CPU."""
     prompts_per_step: int = Field(4, ge=1)
     """Groups per optimizer step (the reference: 128 prompts x 8 samples)."""
+    max_restarts: int = Field(2, ge=0)
+    """Ray Train restarts a failed learner worker group this many times, from the newest checkpoint."""
     num_minibatches: int = Field(1, ge=1)
     """Optimizer steps per batch (1 in the reference: one update per rollout)."""
     max_tokens_per_micro_batch: int = Field(16384, ge=64)

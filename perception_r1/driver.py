@@ -45,6 +45,13 @@ def resolve_model(cfg: Config) -> str:
     if not (path / "config.json").is_file():
         raise ValueError(f"model.path {path} is not a model folder (no config.json); point it at a local "
                          "copy of the model (nothing is downloaded at run time)")
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"model.path {path}: config.json is not valid JSON ({e}); re-copy the model folder") from None
+    if not (path / "preprocessor_config.json").is_file():
+        raise ValueError(f"model.path {path} has no preprocessor_config.json (the Qwen2.5-VL image processor); "
+                         "copy the model's processor files into the folder")
     return str(path.resolve())
 
 
@@ -156,7 +163,7 @@ def build_trainer(cfg: Config, wiring, run_dir: Path):
         scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=bool(lc.num_gpus_per_worker),
                                      resources_per_worker=resources),
         run_config=RunConfig(name="learner", storage_path=str((run_dir / "ray_train").resolve()),
-                             failure_config=FailureConfig(max_failures=0)))
+                             failure_config=FailureConfig(max_failures=lc.max_restarts)))
 
 
 def build_sinks(cfg: Config, run_dir: Path, *, resume: bool):
@@ -177,7 +184,7 @@ def train(cfg: Config, *, resume: bool = False) -> RunResult:
     prompts = load_prompts(cfg)
     if cfg.sft.enabled:
         model_path = warm_start(cfg, model_path, prompts)
-    restored = _find_resume(run_dir) if resume else None
+    restored = _find_resume(run_dir, resume=resume)
     connection = init_ray(cfg)
     try:
         return _run(cfg, model_path=model_path, prompts=prompts, run_dir=run_dir, restored=restored)
@@ -185,12 +192,23 @@ def train(cfg: Config, *, resume: bool = False) -> RunResult:
         _shutdown(connection)
 
 
-def _find_resume(run_dir: Path):
+def _find_resume(run_dir: Path, *, resume: bool):
+    """The checkpoint to resume from; refuses to start over silently on top of an earlier run's checkpoints."""
     from perception_r1.checkpoints import load_latest
 
-    found = load_latest(run_dir / "checkpoints")
+    root = run_dir / "checkpoints"
+    existing = sorted(root.glob("step_*[0-9]")) if root.is_dir() else []
+    if not resume:
+        if existing:
+            raise ValueError(f"{root} already holds {len(existing)} checkpoint(s) of an earlier run; pass --resume "
+                             "to continue it, or pick another run.name / run.output_dir")
+        return None
+    found = load_latest(root)
+    if found is None and existing:
+        raise ValueError(f"--resume: none of the {len(existing)} checkpoints under {root} loads (see the warnings "
+                         "above); move them away to start over")
     if found is None:
-        log.warning("--resume: no complete checkpoint under %s; starting from scratch", run_dir / "checkpoints")
+        log.warning("--resume: no checkpoint under %s yet; starting from scratch", root)
     return found
 
 

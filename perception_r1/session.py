@@ -97,6 +97,10 @@ class Session:
         self.stream.resolve(record.seqs)
         self.stream.resolve(await self.buffer.pop_evicted_seqs.remote())
         if "learner/final" not in record.metrics:
+            if record.version <= self.version:
+                log.warning("the learner restarted from its newest checkpoint: back at version %d (was %d)",
+                            record.version - 1, self.version)
+                self.counters()["learner_restarts"] += 1
             self.version = record.version
             metrics = await self._step_metrics(record)
             self.sinks.log_metrics(record.step, metrics)

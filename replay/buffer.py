@@ -73,6 +73,8 @@ class BufferCore:
         self.bytes = self.reserved = 0
         self.num_put = self.num_taken = self.num_evicted = self.num_released = 0
         self.initial_version = self.learner_version = self.synced_version = initial_version
+        self.taken_base = 0
+        """num_taken when the window's version base was last set (start, or a learner restart)."""
         self.published = initial_version == 0
         """A resumed run's actors hold stale weights until the learner's first broadcast: no reservations before."""
         self.taken_staleness: Counter[int] = Counter()
@@ -82,7 +84,7 @@ class BufferCore:
         if not self.published:
             return False
         window = (self.synced_version - self.initial_version + self.max_staleness + 1) * self.groups_per_step
-        fresh_enough = self.num_taken + len(self.entries) + self.reserved + n <= window
+        fresh_enough = self.num_taken - self.taken_base + len(self.entries) + self.reserved + n <= window
         has_room = len(self.entries) + self.reserved + n <= self.max_groups and self.bytes < self.max_bytes
         return fresh_enough and has_room
 
@@ -109,10 +111,22 @@ class BufferCore:
         return True
 
     def publish_version(self, *, learner_version: int, synced_version: int) -> None:
+        if learner_version < self.learner_version:  # the learner restarted from an older checkpoint
+            self._rewind(learner_version)
         assert learner_version >= self.learner_version and synced_version >= self.synced_version
         self.learner_version, self.synced_version = learner_version, synced_version
         self.published = True
         self._evict_stale()
+
+    def _rewind(self, version: int) -> None:
+        """Versions restart at `version`: groups made by the lost, newer weights are evicted (counted)."""
+        self.initial_version = self.learner_version = self.synced_version = version
+        self.taken_base = self.num_taken
+        future = [e for e in self.entries if e.meta.policy_version > version]
+        self.entries = deque(e for e in self.entries if e.meta.policy_version <= version)
+        self.evicted_seqs.extend(e.meta.seq for e in future)
+        self.num_evicted += len(future)
+        self.bytes -= sum(e.meta.nbytes for e in future)
 
     def can_take(self, k: int) -> bool:
         self._evict_stale()

@@ -108,3 +108,15 @@ def test_resumed_buffer_waits_for_first_publish():
     assert not core.can_reserve(1)  # actors still hold the initial weights
     core.publish_version(learner_version=5, synced_version=5)
     assert core.can_reserve(4) and not core.can_reserve(5)  # window: (0 + 1 + 1) * 2 groups
+
+
+def test_learner_restart_rewinds_versions_and_evicts_groups_of_lost_weights():
+    core = BufferCore(max_staleness=1, groups_per_step=2, max_groups=10, max_bytes=1 << 30)
+    core.publish_version(learner_version=5, synced_version=5)
+    core.reserve(3)
+    for seq, version in [(0, 4), (1, 5), (2, 5)]:
+        core.put(seq, EntryMeta(prompt_id=str(seq), seq=seq, policy_version=version, nbytes=1))
+    core.take(2)
+    core.publish_version(learner_version=4, synced_version=4)  # restarted from the checkpoint at 4
+    assert core.learner_version == 4 and core.evicted_seqs == [2]  # made by version-5 weights, now lost
+    assert core.can_reserve(4) and not core.can_reserve(5)  # a fresh window from version 4
