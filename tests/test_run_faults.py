@@ -43,12 +43,27 @@ def wait_steps(run_dir: Path, n: int, timeout: float = 240) -> None:
         time.sleep(0.5)
 
 
+def restarted_pid(ray, actor, *, timeout: float) -> int:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return ray.get(actor.pid.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+            assert time.time() < deadline, "the actor did not come back"
+            time.sleep(1)
+
+
 @pytest.fixture
 def ray_local(monkeypatch, tmp_path):
+    import socket
+
     import ray
 
     monkeypatch.chdir(tmp_path)
-    ray.init(num_cpus=2, include_dashboard=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_port=port)  # the state API finds the worker pids
     yield ray
     ray.shutdown()
 
@@ -64,8 +79,7 @@ def test_killed_generation_actor_is_restarted_and_the_run_goes_on(ray_local, tmp
     victim = ray_local.get_actor("generator-1")
     pid = ray_local.get(victim.pid.remote())
     os.kill(pid, signal.SIGKILL)  # a crash, not a polite stop: Ray restarts it (max_restarts)
-    new_pid = ray_local.get(victim.pid.remote(), timeout=180)  # waits for the restarted process
-    assert new_pid != pid
+    assert restarted_pid(ray_local, victim, timeout=180) != pid  # a new process serves generator-1
     thread.join(timeout=400)
     result = out["result"]
     assert result.final_version == 10 and not result.stopped_early
@@ -86,8 +100,10 @@ def test_killed_learner_worker_restarts_from_the_newest_checkpoint(ray_local, tm
     while not (run_dir / "checkpoints" / "step_000004").is_dir():
         assert time.time() < deadline
         time.sleep(0.5)
-    workers = [a for a in ray_local.util.state.list_actors(filters=[("state", "=", "ALIVE")])
-               if a.class_name == "RayTrainWorker"]
+    from ray.util.state import list_actors
+
+    alive = list_actors(address=ray_local.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
+    workers = [a for a in alive if a.class_name == "RayTrainWorker"]
     assert len(workers) == 1
     os.kill(workers[0].pid, signal.SIGKILL)
     thread.join(timeout=500)
