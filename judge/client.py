@@ -207,6 +207,7 @@ class JudgeClient:
         except (asyncio.TimeoutError, openai.APITimeoutError) as e:
             raise _AttemptError("timeout", retry=True) from e
         except openai.APIConnectionError as e:
+            await self.close()  # drop the pool: after an endpoint restart every kept-alive connection is dead
             raise _AttemptError("connection", retry=True) from e
         except openai.APIStatusError as e:
             raise _AttemptError(f"http_{e.status_code}", retry=e.status_code >= 500 or e.status_code in _RETRY_STATUS) from e

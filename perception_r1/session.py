@@ -63,6 +63,9 @@ class Session:
             await self._report_loop(learner_alive)
         finally:
             self.orchestrator.stop()
+            histogram = (await self.buffer.stats.remote()).taken_staleness
+            self.sinks.call("log_dict", {str(k): v for k, v in sorted(histogram.items())},
+                            artifact_file="staleness_histogram.json")
             await self.buffer.close.remote()
             dispatch.cancel()
             await self.orchestrator.drain(timeout_s=10.0)

@@ -55,6 +55,9 @@ class MlflowSink:
         """Checkpoints stay where they are written; the run references the newest one."""
         self.mlflow.set_tags({"checkpoint.latest": path, "checkpoint.version": str(version)})
 
+    def log_dict(self, data: dict, *, artifact_file: str) -> None:
+        self.mlflow.log_dict(data, artifact_file)
+
     def log_table(self, table: dict[str, list], *, artifact_file: str) -> None:
         self.mlflow.log_table(data=table, artifact_file=artifact_file)
 

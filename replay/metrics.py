@@ -32,6 +32,8 @@ def reward_metrics(groups: Sequence[ScoredGroup], *, staleness: Sequence[int] = 
     if staleness:
         out["staleness/mean"] = float(np.mean(staleness))
         out["staleness/max"] = float(np.max(staleness))
+        for value, count in zip(*np.unique(np.asarray(staleness), return_counts=True)):
+            out[f"staleness/groups_at_{int(value)}"] = float(count)  # this step's histogram
     return out
 
 

@@ -137,3 +137,76 @@ def test_hung_weight_sync_fails_with_a_clear_error_naming_the_actor(ray_local):
                                           r"within sync.timeout_s=5s"):
         sender.connect()
     assert time.time() - start < 30  # the timeout, not a hang
+
+
+def fake_judge():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "judge"))
+    from fake_judge import FakeJudge
+
+    return FakeJudge().start()
+
+
+def judge_overrides(url: str, *extra: str) -> list[str]:
+    return ["judge.llm.type=external", f"judge.llm.base_url={url}", "judge.llm.model=fake-judge",
+            "judge.llm.api_key_env=FAULT_TEST_JUDGE_KEY", *extra]
+
+
+def mlflow_history(tmp_path: Path, run_dir: Path, key: str) -> list[float]:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    return [m.value for m in sorted(mlflow.MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_judge_down_erroring_and_back_training_continues(ray_local, tmp_path, monkeypatch):
+    from perception_r1.config import load_config
+
+    monkeypatch.setenv("FAULT_TEST_JUDGE_KEY", "k")
+    judge = fake_judge()
+    cfg = load_config(REPO / "configs" / "demo-cpu.yaml", small(tmp_path, "run.num_steps=24", *judge_overrides(
+        judge.url, "judge.timeout_s=2", "judge.max_retries=0", "judge.breaker_failures=4", "judge.breaker_reset_s=2")))
+    thread, out = run_in_thread(cfg)
+    run_dir = tmp_path / "demo-cpu"
+    wait_steps(run_dir, 2)
+    judge.mode = "error"  # 5xx
+    wait_steps(run_dir, 3)
+    judge.stop()  # connection refused
+    wait_steps(run_dir, 5)
+    judge.start()
+    judge.mode = "ok"
+    wait_steps(run_dir, 12)  # the breaker's reset time and the one-step lag of max_staleness pass
+    thread.join(timeout=400)
+    assert out["result"].final_version == 24
+    failures = mlflow_history(tmp_path, run_dir, "judge/failures")
+    assert sum(failures) > 0  # fallbacks were counted, training went on
+    failed_frac = mlflow_history(tmp_path, run_dir, "reward/judge_failed_frac")
+    seen = {k: mlflow_history(tmp_path, run_dir, f"judge/{k}") for k in ("requests", "errors", "breaker_rejections")}
+    assert max(failed_frac) == 1.0 and failed_frac[-2:] == [0.0, 0.0] and failures[-1] == 0, (failed_frac, seen)
+
+
+def test_slow_judge_is_back_pressure_not_a_stall(ray_local, tmp_path, monkeypatch):
+    """A judge ~10x slower than generation: in-flight scoring holds the reservation window, so the
+    actors pause; nothing is dropped, staleness stays within its bound, the run finishes."""
+    from perception_r1.config import load_config
+
+    monkeypatch.setenv("FAULT_TEST_JUDGE_KEY", "k")
+    judge = fake_judge()
+    judge.mode, judge.stall_s = "stall", 2.0  # a group of 4 rollouts generates in ~0.2 s here
+    cfg = load_config(REPO / "configs" / "demo-cpu.yaml", small(tmp_path, "run.num_steps=5", *judge_overrides(
+        judge.url, "judge.timeout_s=30")))
+    thread, out = run_in_thread(cfg)
+    thread.join(timeout=400)
+    result = out["result"]
+    run_dir = tmp_path / "demo-cpu"
+    assert result.final_version == 5
+    window = (cfg.buffer.max_staleness + 1) * cfg.learner.prompts_per_step
+    held = [m["buffer/reserved"] + m["buffer/depth"] for _, m in result.history]
+    assert max(held) == window  # producers hit the window and waited
+    assert max(m["staleness/max"] for _, m in result.history) <= cfg.buffer.max_staleness
+    assert all(m["buffer/num_evicted"] == 0 for _, m in result.history)  # nothing dropped
+    assert all(m["reward/judge_failed_frac"] == 0 for _, m in result.history)
+    busy = [m["gen/actor0/busy_frac"] for _, m in result.history[1:]]
+    assert sum(busy) / len(busy) < 0.5  # the actor mostly waited for the judge
