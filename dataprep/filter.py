@@ -7,14 +7,10 @@ as correct either; `--answer-mode wrap` keeps them (pair it with the same mode i
 Pure CPU and deterministic, so it is recomputed from distill.jsonl on every run (seconds for
 Geometry3K) and written whole to filter.jsonl.
 
-NOTE: `accuracy` follows spec §3.2 directly with math-verify. When the judge role's
-`judge.rules.accuracy_reward` lands, this should call it instead so the two cannot drift.
 """
 
 from __future__ import annotations
 
-import re
-import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,8 +19,6 @@ from replay.records import Prompt
 
 PROGRESS_FILE = "filter.jsonl"
 AnswerMode = Literal["faithful", "wrap"]
-_ANSWER = re.compile(r"<answer>(.*?)</answer>")  # no DOTALL, as upstream (spec §3.2, §8.2)
-_FORMAT = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\\boxed{.+?}.*?\n</answer>$", re.DOTALL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,32 +36,20 @@ class FilterRecord:
 
 
 def accuracy(response: str, *, ground_truth: str, mode: AnswerMode = "faithful") -> float:
-    """r_a of spec §3.2: 1.0 iff math-verify accepts the answer; any exception gives 0.
+    """r_a of spec §3.2, the training reward's own rule (`judge.rules.accuracy_reward`), so the filter
+    and the reward cannot drift: `faithful` is reward mode `reference` (the ground truth parsed raw, so
+    `4\\sqrt{3}` reads as 4 and never matches); `wrap` is reward mode `fixed` (non-numeric ground
+    truths wrapped in `$…$`, spec §8.3, plus the fixed mode's other treatments)."""
+    from judge.rules import accuracy_reward
 
-    mode `faithful` parses the ground truth raw, as upstream, so a bare-LaTeX answer is mis-parsed
-    (`4\\sqrt{3}` reads as 4) and never matches; `wrap` parses it inside `$…$` (spec §8.3).
-    """
-    from math_verify import parse, verify
-
-    gt = ground_truth.strip()
-    if mode == "wrap" and "$" not in gt:
-        gt = f"${gt}$"
-    m = _ANSWER.search(response)
-    given = m.group(1).strip() if m else response.strip()
-    # math-verify's timeouts use signal.alarm, which raises outside the main thread (and the
-    # exception would silently score 0): off the main thread, call it without them.
-    main = threading.current_thread() is threading.main_thread()
-    parse_timeout, verify_timeout = (5, 5) if main else (None, None)
-    try:
-        gold, target = parse(gt, parsing_timeout=parse_timeout), parse(given, parsing_timeout=parse_timeout)
-        return float(verify(gold, target, timeout_seconds=verify_timeout))
-    except Exception:  # the spec's rule: a parse or verify failure scores 0
-        return 0.0
+    return accuracy_reward(response, ground_truth, mode="reference" if mode == "faithful" else "fixed")
 
 
 def well_formatted(response: str) -> bool:
     """r_f of spec §3.1 as a bool (used only to prefer well-formed solutions)."""
-    return _FORMAT.fullmatch(response) is not None
+    from judge.rules import format_reward
+
+    return format_reward(response) == 1.0
 
 
 def filter_one(prompt: Prompt, *, record: DistillRecord | None, mode: AnswerMode = "faithful") -> FilterRecord:
