@@ -32,7 +32,8 @@ def processes() -> dict[int, str]:
         except OSError:
             continue
         parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-        names[int(entry.name)] = cmd.split(" ")[0] if cmd.startswith("ray::") else Path(cmd).name
+        # `ray::Class.method` while a task runs, `ray::Class` when idle: one name per process
+        names[int(entry.name)] = cmd.split(" ")[0].split(".")[0] if cmd.startswith("ray::") else Path(cmd).name
     mine, frontier = {os.getpid()}, [os.getpid()]
     while frontier:
         pid = frontier.pop()

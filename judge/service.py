@@ -62,7 +62,9 @@ def start_judge(cfg: JudgeConfig) -> JudgeService:
 
     from judge.app import LexicalJudgeServer, RewardServer, StatsBoard, VLLMJudgeServer
 
-    serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
+    # per-request access lines would flood the job log (thousands a step); they stay in Serve's log files
+    serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port},
+                logging_config={"log_level": "WARNING", "enable_access_log": False})
     base = f"http://{_client_host(cfg.http_host)}:{cfg.http_port}"
     llm, apps = cfg.llm, [REWARD_APP]
     if isinstance(llm, LexicalJudge):
