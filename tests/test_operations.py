@@ -51,6 +51,7 @@ def fake_checkpoint(root: Path, version: int) -> Path:
     return path
 
 
+@pytest.mark.reliability(fault="newest checkpoint corrupt or half-written", outcome="resume falls back to the previous complete one, with a warning")
 def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
     from perception_r1.checkpoints import load_latest
 
@@ -69,6 +70,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
 
 # ------------------------------------------------------------------------------------------- resume
 @pytest.mark.slow
+@pytest.mark.reliability(fault="driver SIGKILLed mid-run, then `--resume`", outcome="continues from the newest complete checkpoint: every prompt trained exactly once, policy_version and AdamW state continue, one mlflow run")
 def test_sigkill_then_resume_continues_exactly(tmp_path):
     args = ["train", "configs/demo-cpu.yaml", *sum((["--set", o] for o in overrides(
         tmp_path, "run.num_steps=8", "checkpoint.every_steps=2", "checkpoint.keep=5")), [])]
@@ -190,6 +192,7 @@ def test_system_metrics_on_the_ray_metrics_endpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.reliability(fault="SIGTERM (`ray job stop`, Ctrl-C)", outcome="the buffer closes, the learner checkpoints, mlflow run KILLED, exit 130")
 def test_sigterm_checkpoints_and_stops_cleanly(tmp_path):
     """What `ray job stop` (and Ctrl-C) does: the run closes the buffer, the learner checkpoints, exit 130."""
     args = ["train", "configs/demo-cpu.yaml", *sum((["--set", o] for o in overrides(

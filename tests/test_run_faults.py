@@ -68,6 +68,7 @@ def ray_local(monkeypatch, tmp_path):
     ray.shutdown()
 
 
+@pytest.mark.reliability(fault="generation actor SIGKILLed mid-run", outcome="Ray restarts it, it rejoins the weight group; its in-flight prompts are requeued (counted); the run finishes; no prompt trained twice")
 def test_killed_generation_actor_is_restarted_and_the_run_goes_on(ray_local, tmp_path):
     from perception_r1.config import load_config
 
@@ -89,6 +90,7 @@ def test_killed_generation_actor_is_restarted_and_the_run_goes_on(ray_local, tmp
     assert lost >= 0  # groups in flight when it died were requeued (counted), never trained from the dead actor
 
 
+@pytest.mark.reliability(fault="learner worker SIGKILLed mid-run", outcome="Ray Train restarts it from the newest checkpoint, actors rejoin its broadcast group, the buffer rewinds; the run finishes; no group trained twice")
 def test_killed_learner_worker_restarts_from_the_newest_checkpoint(ray_local, tmp_path):
     from perception_r1.config import load_config
 
@@ -117,6 +119,7 @@ def test_killed_learner_worker_restarts_from_the_newest_checkpoint(ray_local, tm
     assert len(seqs) == len(set(seqs))  # groups are never trained twice, even across the restart
 
 
+@pytest.mark.reliability(fault="an actor never joins the weight broadcast", outcome="the sync fails within sync.timeout_s naming the stuck actor; no silent hang")
 def test_hung_weight_sync_fails_with_a_clear_error_naming_the_actor(ray_local):
     import torch
 
@@ -161,6 +164,7 @@ def mlflow_history(tmp_path: Path, run_dir: Path, key: str) -> list[float]:
     return [m.value for m in sorted(mlflow.MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
+@pytest.mark.reliability(fault="judge endpoint returns 5xx, then refuses connections, then comes back", outcome="fallback rewards, counted; the circuit breaker opens and closes; training continues and recovers")
 def test_judge_down_erroring_and_back_training_continues(ray_local, tmp_path, monkeypatch):
     from perception_r1.config import load_config
 
@@ -187,6 +191,7 @@ def test_judge_down_erroring_and_back_training_continues(ray_local, tmp_path, mo
     assert max(failed_frac) == 1.0 and failed_frac[-2:] == [0.0, 0.0] and failures[-1] == 0, (failed_frac, seen)
 
 
+@pytest.mark.reliability(fault="judge ~10x slower than generation", outcome="producers wait at the reservation window; nothing dropped; staleness within bound")
 def test_slow_judge_is_back_pressure_not_a_stall(ray_local, tmp_path, monkeypatch):
     """A judge ~10x slower than generation: in-flight scoring holds the reservation window, so the
     actors pause; nothing is dropped, staleness stays within its bound, the run finishes."""
