@@ -121,7 +121,7 @@ def test_ray_job_submit_against_a_running_head(tmp_path):
     try:
         client = wait_for_jobs_api(f"http://127.0.0.1:{dash}")
         sets = " ".join(f"--set {o}" for o in overrides(tmp_path, "run.num_steps=2", "checkpoint.every_steps=0"))
-        job = client.submit_job(entrypoint=f"perception-r1 train configs/demo-cpu.yaml {sets}",
+        job = submit_when_ready(client, entrypoint=f"perception-r1 train configs/demo-cpu.yaml {sets}",
                                 runtime_env={"working_dir": str(REPO)})
         deadline = time.time() + 400
         while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
@@ -140,6 +140,17 @@ def test_ray_job_submit_against_a_running_head(tmp_path):
         head.send_signal(signal.SIGTERM)  # --block: stopping the command stops its Ray processes
         head.wait(timeout=60)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def submit_when_ready(client, **job) -> str:
+    """The head answers before its job agent is up ("No available agent to submit job"): retry a while."""
+    deadline = time.time() + 90
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            assert "No available agent" in str(e) and time.time() < deadline, e
+            time.sleep(2)
 
 
 def wait_for_jobs_api(address: str):
