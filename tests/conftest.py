@@ -69,7 +69,7 @@ def pytest_sessionfinish(session, exitstatus):
     path = os.environ.get("PR1_RELIABILITY_REPORT")
     if not path or not _reliability_rows:
         return
-    lines = ["| fault injected | what happens | data lost | test | result |", "|---|---|---|---|---|"]
+    lines = ["| fault injected | what happens | prompts lost or trained twice | test | result |", "|---|---|---|---|---|"]
     for fault, outcome, result, name in _reliability_rows:
         lines.append(f"| {fault} | {outcome} | 0 | `{name}` | {result} |")
     with open(path, "w", encoding="utf-8") as f:
