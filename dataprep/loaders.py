@@ -79,6 +79,14 @@ class _BadRow(Exception):
         self.reason, self.detail, self.fix = reason, detail, fix
 
 
+class BadImage(ValueError):
+    """An image no component could use: `reason` names the kind (undecodable, huge, elongated)."""
+
+    def __init__(self, reason: str, detail: str, fix: str) -> None:
+        super().__init__(f"{detail}; {fix}")
+        self.reason, self.detail, self.fix = reason, detail, fix
+
+
 def load_prompts(path: str | Path, *, on_bad_row: BadRowPolicy = "skip") -> list[Prompt]:
     """The prompts of a dataset file or folder (see the module docstring); skips are logged."""
     result = read_prompts(path, on_bad_row=on_bad_row)
@@ -329,7 +337,16 @@ def _image_bytes(images: Any, base: Path) -> bytes:
 
 
 def normalize_image(data: bytes) -> bytes:
-    """PNG or JPEG bytes, checked to decode fully; other formats are re-encoded as PNG."""
+    """`checked_image` as a dataset row's skip reason."""
+    try:
+        return checked_image(data)
+    except BadImage as e:
+        raise _BadRow(e.reason, e.detail, e.fix) from None
+
+
+def checked_image(data: bytes) -> bytes:
+    """PNG or JPEG bytes, checked (size before decoding, then a full decode); other formats are
+    re-encoded as PNG. Raises BadImage. Shared by the training loaders and the benchmark loaders."""
     from PIL import Image
 
     try:
@@ -341,17 +358,17 @@ def normalize_image(data: bytes) -> bytes:
             out = io.BytesIO()
             img.save(out, format="PNG")
             return out.getvalue()
-    except _BadRow:
+    except BadImage:
         raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        raise _BadRow("undecodable_image", f"image does not decode ({type(e).__name__}: {e})", "replace the image") from None
+        raise BadImage("undecodable_image", f"image does not decode ({type(e).__name__}: {e})", "replace the image") from None
 
 
 def _check_size(width: int, height: int) -> None:
     """Refuse, before decoding, what `perception_r1.vl.prepare_image` would refuse after it."""
     if width * height > MAX_IMAGE_PIXELS:
-        raise _BadRow("huge_image", f"image is {width}x{height}, over {MAX_IMAGE_PIXELS:,} pixels",
-                      "downscale it in the dataset")
+        raise BadImage("huge_image", f"image is {width}x{height}, over {MAX_IMAGE_PIXELS:,} pixels",
+                       "downscale it in the dataset")
     if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
-        raise _BadRow("elongated_image", f"image is {width}x{height}, more elongated than {MAX_ASPECT_RATIO}:1",
-                      "crop or pad it in the dataset")
+        raise BadImage("elongated_image", f"image is {width}x{height}, more elongated than {MAX_ASPECT_RATIO}:1",
+                       "crop or pad it in the dataset")

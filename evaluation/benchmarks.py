@@ -25,7 +25,6 @@ Malformed rows raise a ValueError naming the file, the row and the fix; nothing 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import re
 from dataclasses import dataclass
@@ -176,19 +175,13 @@ def _read_image_path(value: str, src: _Source) -> bytes:
 
 
 def _checked_image(data: bytes, src: _Source) -> bytes:
-    """PNG/JPEG bytes as they are; any other format PIL reads re-encoded as PNG."""
-    from PIL import Image
+    """The training loaders' image check (decodes, size limits; PNG/JPEG kept, others re-encoded)."""
+    from dataprep.loaders import BadImage, checked_image
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            if image.format in ("PNG", "JPEG"):
-                return data
-            out = io.BytesIO()
-            image.save(out, format="PNG")
-            return out.getvalue()
-    except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
-        raise ValueError(f"{src.where}: image does not decode ({type(e).__name__}: {e}); replace the file") from None
+        return checked_image(data)
+    except BadImage as e:
+        raise ValueError(f"{src.where}: {e.detail}; {e.fix}") from None
 
 
 def _options(src: _Source, name: str) -> tuple[str, ...]:
