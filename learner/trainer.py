@@ -13,6 +13,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from learner.grpo import group_advantages, loss_normalizer, policy_loss, token_logprobs, entropy_from_logits
 from learner.policy import Sequence, completion_logits, load_policy, micro_batches, pack
@@ -108,9 +109,8 @@ class Learner:
             (loss * (0.0 if dummy else self.world)).backward()  # FSDP averages gradients over ranks
             if not dummy:
                 _accumulate(totals, loss.item(), stats)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optimizer.grad_clip)
-                          .full_tensor() if self.world > 1 else torch.nn.utils.clip_grad_norm_(
-                              self.model.parameters(), self.cfg.optimizer.grad_clip))
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optimizer.grad_clip)
+        grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # FSDP2: a DTensor
         totals["learner/lr"] = self.scheduler.get_last_lr()[0]
         totals["learner/grad_norm"] = grad_norm
         if math.isfinite(grad_norm):
