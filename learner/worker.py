@@ -61,7 +61,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     connect_s = sync.connect()
     sync_s, _ = sync.broadcast(learner.model, version=version)
     if rank == 0:
-        ray.get(wiring.buffer.publish_version.remote(version, version))
+        ray.get(wiring.buffer.learner_started.remote(version))
+        wiring.reports.put(LearnerStepRecord(step=version, version=version, metrics={"learner/started": 1.0}))
         print(f"learner: version {version}, weight group formed in {connect_s:.1f}s, first sync {sync_s:.2f}s",
               flush=True)
     _loop(cfg, wiring, learner, sync, rank=rank, version=version)

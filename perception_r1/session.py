@@ -42,6 +42,7 @@ class Session:
         self.orchestrator = Orchestrator(stream=stream, actors=actors, scorer=judge, buffer=buffer, settings=settings)
         self.stop_requested = False
         self.steps_logged = 0
+        self.learner_starts = 0
         self.history: list[tuple[float, dict[str, float]]] = []
         """(wall time, metrics) of every logged step, for benchmarks and the run summary."""
         self.judge_before = JudgeStats()
@@ -95,15 +96,14 @@ class Session:
             await self._on_record(record)
 
     async def _on_record(self, record: LearnerStepRecord) -> None:
+        if "learner/started" in record.metrics:
+            await self._on_learner_start(record.version)
+            return
         if record.seqs:
             self._append_ledger(record)
         self.stream.resolve(record.seqs)
         self.stream.resolve(await self.buffer.pop_evicted_seqs.remote())
         if "learner/final" not in record.metrics:
-            if record.version <= self.version:
-                log.warning("the learner restarted from its newest checkpoint: back at version %d (was %d)",
-                            record.version - 1, self.version)
-                self.counters()["learner_restarts"] += 1
             self.version = record.version
             metrics = await self._step_metrics(record)
             self.sinks.log_metrics(record.step, metrics)
@@ -119,6 +119,20 @@ class Session:
                                           samples_s=f"{metrics.get('throughput/samples_per_s', 0):.2f}")
         if record.checkpoint_path:
             await self._complete_checkpoint(Path(record.checkpoint_path), version=record.version)
+
+    async def _on_learner_start(self, version: int) -> None:
+        """The learner's first record after each (re)start. The queue is FIFO, so every record of a dead
+        learner is in the ledger by now: of the batch it had taken, the seqs not trained go back to the stream."""
+        self.learner_starts += 1
+        if self.learner_starts == 1:
+            return
+        lost = [seq for seq in await self.buffer.pop_lost_seqs.remote() if seq in self.stream.outstanding]
+        self.stream.requeue(lost)
+        self.counters()["learner_restarts"] += 1
+        self.counters()["lost_with_learner"] += len(lost)
+        log.warning("the learner restarted from its newest checkpoint at version %d (was at %d); %d groups it had "
+                    "taken but not trained were requeued", version, self.version, len(lost))
+        self.version = version
 
     def _append_ledger(self, record: LearnerStepRecord) -> None:
         line = {"session": self.session_id, "step": record.step, "version": record.version, "seqs": list(record.seqs),

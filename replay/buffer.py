@@ -19,6 +19,9 @@ Rules it enforces:
 - Bounds: buffered + reserved groups <= max_groups and buffered bytes <= max_bytes; reserve()
   waits while full (back-pressure); take() unblocks it.
 - FIFO: take() releases the oldest admissible groups first.
+- Learner restarts: learner_started() at a start after the first rewinds the versions to the restored
+  checkpoint's and returns the dead learner's last batch as lost (the driver requeues what it never
+  saw trained), so no group is trained twice or dropped silently.
 """
 
 from __future__ import annotations
@@ -79,6 +82,11 @@ class BufferCore:
         """A resumed run's actors hold stale weights until the learner's first broadcast: no reservations before."""
         self.taken_staleness: Counter[int] = Counter()
         self.evicted_seqs: list[int] = []
+        self.last_taken: list[int] = []
+        """Seqs of the newest take(): the batch a learner that dies now had taken but not reported."""
+        self.lost_seqs: list[int] = []
+        """Seqs a dead learner had taken (the driver requeues those it never saw trained)."""
+        self.learner_starts = 0
 
     def can_reserve(self, n: int) -> bool:
         if not self.published:
@@ -118,6 +126,16 @@ class BufferCore:
         self.published = True
         self._evict_stale()
 
+    def learner_started(self, version: int) -> None:
+        """A learner (re)started at `version` (its checkpoint's). A restart rewinds to it, even when no
+        update was lost, and hands the batch the dead learner had taken to `lost_seqs`."""
+        if self.learner_starts:
+            self._rewind(version)
+            self.lost_seqs.extend(self.last_taken)
+            self.last_taken = []
+        self.learner_starts += 1
+        self.publish_version(learner_version=version, synced_version=version)
+
     def _rewind(self, version: int) -> None:
         """Versions restart at `version`: groups made by the lost, newer weights are evicted (counted)."""
         self.initial_version = self.learner_version = self.synced_version = version
@@ -144,6 +162,7 @@ class BufferCore:
             self.taken_staleness[staleness] += 1
             out.append((entry.ref, entry.meta, staleness))
         self.num_taken += k
+        self.last_taken = [meta.seq for _, meta, _ in out]
         return out
 
     def _evict_stale(self) -> None:
@@ -213,6 +232,11 @@ class ReplayBuffer:
             self.core.publish_version(learner_version=learner_version, synced_version=synced_version)
             self.changed.notify_all()
 
+    async def learner_started(self, version: int) -> None:
+        async with self.changed:
+            self.core.learner_started(version)
+            self.changed.notify_all()
+
     async def close(self) -> None:
         async with self.changed:
             self.closed = True
@@ -220,6 +244,11 @@ class ReplayBuffer:
 
     def stats(self) -> BufferStats:
         return self.core.stats()
+
+    def pop_lost_seqs(self) -> list[int]:
+        """Seqs a dead learner had taken, since the last call (the driver requeues the untrained ones)."""
+        seqs, self.core.lost_seqs = self.core.lost_seqs, []
+        return seqs
 
     def pop_evicted_seqs(self) -> list[int]:
         """Seqs evicted since the last call (the driver resolves them in its ledger)."""

@@ -95,7 +95,7 @@ def test_killed_learner_worker_restarts_from_the_newest_checkpoint(ray_local, tm
     from perception_r1.config import load_config
 
     cfg = load_config(REPO / "configs" / "demo-cpu.yaml",
-                      small(tmp_path, "run.num_steps=10", "checkpoint.every_steps=2", "learner.max_restarts=1"))
+                      small(tmp_path, "run.num_steps=40", "checkpoint.every_steps=2", "learner.max_restarts=1"))
     thread, out = run_in_thread(cfg)
     run_dir = tmp_path / "demo-cpu"
     deadline = time.time() + 240
@@ -107,14 +107,17 @@ def test_killed_learner_worker_restarts_from_the_newest_checkpoint(ray_local, tm
     alive = list_actors(address=ray_local.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
     workers = [a for a in alive if a.class_name == "RayTrainWorker"]
     assert len(workers) == 1
+    # 40 steps leave the kill tens of seconds of margin: a worker killed after its last step restarts nothing
+    assert len(ledger(run_dir)) < 30, "the run was nearly over before the kill; the test cannot show a restart"
     os.kill(workers[0].pid, signal.SIGKILL)
     thread.join(timeout=500)
     result = out["result"]
-    assert result.final_version == 10
+    assert result.final_version == 40
     assert result.counters.get("learner_restarts", 0) >= 1
     lines = ledger(run_dir)
     versions = [line["version"] for line in lines]
-    assert versions[-1] == 10 and any(b <= a for a, b in zip(versions, versions[1:]))  # it went back
+    assert versions[-1] == 40  # (versions go back when the kill lost updates made after the checkpoint)
+    assert result.counters.get("lost_with_learner", 0) <= cfg.learner.prompts_per_step  # at most its batch
     seqs = [s for line in lines for s in line["seqs"]]
     assert len(seqs) == len(set(seqs))  # groups are never trained twice, even across the restart
 

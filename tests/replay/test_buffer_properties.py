@@ -120,3 +120,18 @@ def test_learner_restart_rewinds_versions_and_evicts_groups_of_lost_weights():
     core.publish_version(learner_version=4, synced_version=4)  # restarted from the checkpoint at 4
     assert core.learner_version == 4 and core.evicted_seqs == [2]  # made by version-5 weights, now lost
     assert core.can_reserve(4) and not core.can_reserve(5)  # a fresh window from version 4
+
+
+def test_learner_restart_at_the_same_version_returns_its_taken_batch_as_lost():
+    core = BufferCore(max_staleness=1, groups_per_step=2, max_groups=10, max_bytes=1 << 30)
+    core.learner_started(0)
+    assert core.lost_seqs == []  # a first start loses nothing
+    core.reserve(4)
+    for seq in range(4):
+        core.put(seq, EntryMeta(prompt_id=str(seq), seq=seq, policy_version=0, nbytes=1))
+    core.take(2)
+    core.publish_version(learner_version=1, synced_version=1)
+    core.take(2)  # the learner dies training this batch; its newest checkpoint is version 1
+    core.learner_started(1)
+    assert core.lost_seqs == [2, 3] and core.learner_version == 1
+    assert core.can_reserve(4) and not core.can_reserve(5)  # a fresh window from version 1
