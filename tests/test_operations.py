@@ -111,18 +111,24 @@ def test_sigkill_then_resume_continues_exactly(tmp_path):
 def test_ray_job_submit_against_a_running_head(tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    gcs, dash = free_port(), free_port()
+    dash = free_port()
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    # Every agent port free-picked: a SIGKILLed driver's orphaned dashboard agent keeps the default 52365
+    # for a minute or so, and a head whose agent cannot bind never accepts jobs ("No available agent").
+    ports = {"port": free_port(), "dashboard-port": dash, "dashboard-agent-listen-port": free_port(),
+             "dashboard-agent-grpc-port": free_port(), "runtime-env-agent-port": free_port(),
+             "metrics-export-port": free_port()}
+    head_log = tmp_path / "head.log"
     head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+         *(f"--{k}={v}" for k, v in ports.items()), "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
+        stdout=head_log.open("w"), stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})  # as if run in the venv
     try:
         client = wait_for_jobs_api(f"http://127.0.0.1:{dash}")
         sets = " ".join(f"--set {o}" for o in overrides(tmp_path, "run.num_steps=2", "checkpoint.every_steps=0"))
         job = submit_when_ready(client, entrypoint=f"perception-r1 train configs/demo-cpu.yaml {sets}",
-                                runtime_env={"working_dir": str(REPO)})
+                                runtime_env={"working_dir": str(REPO)}, diagnose=lambda: head_diagnosis(head_log, ray_tmp))
         deadline = time.time() + 400
         while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
             assert time.time() < deadline, client.get_job_logs(job)[-3000:]
@@ -142,15 +148,22 @@ def test_ray_job_submit_against_a_running_head(tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def submit_when_ready(client, **job) -> str:
+def submit_when_ready(client, *, diagnose, **job) -> str:
     """The head answers before its job agent is up ("No available agent to submit job"): retry a while."""
-    deadline = time.time() + 90
+    deadline = time.time() + 120
     while True:
         try:
             return client.submit_job(**job)
         except RuntimeError as e:
-            assert "No available agent" in str(e) and time.time() < deadline, e
+            assert "No available agent" in str(e) and time.time() < deadline, f"{e}\n{diagnose()}"
             time.sleep(2)
+
+
+def head_diagnosis(head_log: Path, ray_tmp: str) -> str:
+    """The head's own output and its dashboard agent's log tail, for a head that never took a job."""
+    agent_logs = sorted(Path(ray_tmp).glob("session_*/logs/dashboard_agent*.log"))
+    tails = [f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in agent_logs]
+    return "\n".join([f"--- ray start\n{head_log.read_text(errors='replace')[-3000:]}", *tails])
 
 
 def wait_for_jobs_api(address: str):
