@@ -6,9 +6,12 @@ labelled vertices, lengths and angles), a question with one `<image>`, a small-i
 visual annotations (the facts the diagram shows, as short sentences) and a worked solution in the
 method's format (spec §3.1) whose think block restates those facts and the computation.
 
-The problems are meant for the tiny CPU model: a handful of one-step templates whose answer is never
-one of the givens (copying a given is wrong), so that a short SFT warm start makes some of them right
-and GRPO has signal. Problem `i` depends only on `(seed, i)`, not on how many problems are made.
+The problems are meant for the tiny CPU model: one-step templates of two kinds. Computed answers
+(angle sums, areas, perimeters) are never one of the givens, so only memorising a problem gets it right;
+equalities (opposite sides, base angles, vertical and alternate angles, radii) make the answer one of
+two or three givens, picked out by a geometric fact, a skill that carries over to unseen problems. A
+short SFT warm start leaves the model right on some problems and wrong on others, and GRPO has signal
+on both kinds. Problem `i` depends only on `(seed, i)`, not on how many problems are made.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ class Problem:
     reasoning: str
     """The computation, one sentence, ending in the answer."""
     figure: Figure
+    equality: bool = False
+    """The answer equals one given by a geometric equality (opposite sides, base angles, vertical or
+    alternate angles, radii); the question also states a distractor given that differs from it."""
 
     def solution(self) -> str:
         """The worked solution in the method's exact format (spec §3.1)."""
@@ -140,9 +146,8 @@ def _right_triangle(rng: random.Random) -> Problem:
         reasoning=f"The angles of a triangle add up to 180°, so angle ABC = 180° - 90° - {a}° = {90 - a}°.")
 
 
-def _isosceles_base_angle(rng: random.Random) -> Problem:
-    a = rng.choice([x for x in range(20, 150, 10) if x != 60])
-    base = (180 - a) // 2
+def _isosceles_figure(a: int) -> tuple[Figure, tuple[Point, Point, Point]]:
+    """Triangle ABC with AB = AC (tick marks) and the apex angle BAC = a labelled; (figure, (A, B, C))."""
     half = math.radians(a / 2)
     A, B, C = (0.0, math.cos(half)), (-math.sin(half), 0.0), (math.sin(half), 0.0)
     fig = Figure()
@@ -152,14 +157,21 @@ def _isosceles_base_angle(rng: random.Random) -> Problem:
         fig.segments.append((_add(mid, normal, -0.04), _add(mid, normal, 0.04)))
     _name_vertices(fig, {"A": A, "B": B, "C": C}, centre=_centroid([A, B, C]))
     _angle_label(fig, A, B, C, f"{a}°", dist=0.28)
+    return fig, (A, B, C)
+
+
+def _isosceles_base_angle(rng: random.Random) -> Problem:
+    a = rng.choice([x for x in range(20, 150, 10) if x != 60])
+    base = (180 - a) // 2
+    fig, _ = _isosceles_figure(a)
     return Problem(
         question=f"In triangle ABC, AB = AC and angle BAC = {a}°. Find angle ABC in degrees.",
         answer=base, facts=("AB = AC", f"angle BAC = {a}°"), figure=fig,
         reasoning=f"Triangle ABC is isosceles, so angle ABC = (180° - {a}°) / 2 = {base}°.")
 
 
-def _parallel_lines(rng: random.Random) -> Problem:
-    x = rng.choice([v for v in range(35, 150, 5) if v != 90])
+def _parallel_figure(x: int) -> tuple[Figure, dict[str, Point]]:
+    """AB parallel to CD, the transversal EF with angle BEF = x labelled; (figure, named points)."""
     E = (0.0, 1.0)
     F = _add(E, (math.cos(math.radians(x)), -math.sin(math.radians(x))), 1 / math.sin(math.radians(x)))
     left, right = min(E[0], F[0]) - 0.9, max(E[0], F[0]) + 0.9
@@ -171,6 +183,12 @@ def _parallel_lines(rng: random.Random) -> Problem:
     _angle_label(fig, E, _add(E, _sub(E, B)), _add(E, _sub(E, F)), "E", dist=0.14)  # opposite the angle
     _angle_label(fig, F, _add(F, _sub(F, C)), _add(F, _sub(F, E)), "F", dist=0.14)
     _angle_label(fig, E, B, F, f"{x}°", dist=0.25)
+    return fig, {"A": A, "B": B, "C": C, "D": D, "E": E, "F": F}
+
+
+def _parallel_lines(rng: random.Random) -> Problem:
+    x = rng.choice([v for v in range(35, 150, 5) if v != 90])
+    fig, _ = _parallel_figure(x)
     return Problem(
         question=f"AB is parallel to CD, and the line EF crosses them with angle BEF = {x}°. "
                  "Find angle EFD in degrees.",
@@ -179,8 +197,8 @@ def _parallel_lines(rng: random.Random) -> Problem:
                   f"so angle EFD = 180° - {x}° = {180 - x}°.")
 
 
-def _straight_angle(rng: random.Random) -> Problem:
-    x = rng.choice([v for v in range(30, 155, 5) if v != 90])
+def _crossing_figure(x: int) -> tuple[Figure, dict[str, Point]]:
+    """Lines AB and CD crossing at O with angle AOC = x labelled; (figure, named points)."""
     O, A, B = (0.0, 0.0), (-1.0, 0.0), (1.0, 0.0)
     C = _polar(180 - x)
     D = (-C[0], -C[1])
@@ -188,14 +206,20 @@ def _straight_angle(rng: random.Random) -> Problem:
     _name_vertices(fig, {"A": A, "B": B, "C": C, "D": D}, centre=O)
     _angle_label(fig, O, B, D, "O", dist=0.15)
     _angle_label(fig, O, A, C, f"{x}°", dist=0.3)
+    return fig, {"O": O, "A": A, "B": B, "C": C, "D": D}
+
+
+def _straight_angle(rng: random.Random) -> Problem:
+    x = rng.choice([v for v in range(30, 155, 5) if v != 90])
+    fig, _ = _crossing_figure(x)
     return Problem(
         question=f"The lines AB and CD intersect at O, and angle AOC = {x}°. Find angle BOC in degrees.",
         answer=180 - x, facts=("AB and CD intersect at O", f"angle AOC = {x}°"), figure=fig,
         reasoning=f"Angle AOC and angle BOC lie on the straight line AB, so angle BOC = 180° - {x}° = {180 - x}°.")
 
 
-def _rectangle(rng: random.Random) -> Problem:
-    w, h = rng.sample(range(2, 13), 2)
+def _rectangle_figure(w: int, h: int) -> Figure:
+    """Rectangle ABCD with AB = w and BC = h labelled."""
     s = max(w, h)
     A, B, C, D = (0.0, 0.0), (w / s, 0.0), (w / s, h / s), (0.0, h / s)
     fig = Figure()
@@ -204,6 +228,12 @@ def _rectangle(rng: random.Random) -> Problem:
     _name_vertices(fig, {"A": A, "B": B, "C": C, "D": D}, centre=centre)
     _side_label(fig, A, B, str(w), centre=centre)
     _side_label(fig, B, C, str(h), centre=centre)
+    return fig
+
+
+def _rectangle(rng: random.Random) -> Problem:
+    w, h = rng.sample(range(2, 13), 2)
+    fig = _rectangle_figure(w, h)
     facts = ("ABCD is a rectangle", f"AB = {w}", f"BC = {h}")
     if rng.random() < 0.5:
         return Problem(
@@ -236,11 +266,17 @@ def _square(rng: random.Random) -> Problem:
         reasoning=f"The area of a square is AB * AB = {side} * {side} = {side * side}.")
 
 
-def _circle(rng: random.Random) -> Problem:
-    r = rng.randrange(2, 16)
+def _circle_figure() -> Figure:
+    """A circle about O with the diameter AB drawn (lengths are labelled by the caller)."""
     O, A, B = (0.0, 0.0), (-1.0, 0.0), (1.0, 0.0)
     fig = Figure(segments=[(A, B)], circles=[(O, 1.0)], dots=[O])
     fig.labels += [((-1.12, 0.0), "A"), ((1.12, 0.0), "B"), ((0.0, -0.12), "O")]
+    return fig
+
+
+def _circle(rng: random.Random) -> Problem:
+    r = rng.randrange(2, 16)
+    fig = _circle_figure()
     if rng.random() < 0.5:
         fig.labels.append(((-0.5, 0.1), str(r)))
         return Problem(
@@ -273,8 +309,65 @@ def _triangle_perimeter(rng: random.Random) -> Problem:
         reasoning=f"The perimeter of triangle ABC is AB + BC + AC = {ab} + {bc} + {ac} = {p}.")
 
 
+# One-step equalities: the answer is a given, picked out by a geometric fact; a second given differs from it.
+def _rectangle_side(rng: random.Random) -> Problem:
+    w, h = rng.sample(range(2, 13), 2)
+    ask, value, equal = ("CD", w, "AB") if rng.random() < 0.5 else ("AD", h, "BC")
+    return Problem(
+        question=f"ABCD is a rectangle with AB = {w} and BC = {h}. Find {ask}.", answer=value, equality=True,
+        facts=("ABCD is a rectangle", f"AB = {w}", f"BC = {h}"), figure=_rectangle_figure(w, h),
+        reasoning=f"Opposite sides of a rectangle are equal, so {ask} = {equal} = {value}.")
+
+
+def _isosceles_equal_angles(rng: random.Random) -> Problem:
+    a = rng.choice([x for x in range(20, 150, 10) if x != 60])
+    base = (180 - a) // 2
+    fig, (A, B, C) = _isosceles_figure(a)
+    _angle_label(fig, B, A, C, f"{base}°", dist=0.28)
+    return Problem(
+        question=f"In triangle ABC, AB = AC, angle BAC = {a}° and angle ABC = {base}°. Find angle ACB in degrees.",
+        answer=base, equality=True, facts=("AB = AC", f"angle BAC = {a}°", f"angle ABC = {base}°"), figure=fig,
+        reasoning=f"Triangle ABC is isosceles with AB = AC, so angle ACB = angle ABC = {base}°.")
+
+
+def _vertical_angles(rng: random.Random) -> Problem:
+    x = rng.choice([v for v in range(30, 155, 5) if v != 90])
+    fig, pts = _crossing_figure(x)
+    _angle_label(fig, pts["O"], pts["B"], pts["C"], f"{180 - x}°", dist=0.3)
+    return Problem(
+        question=f"The lines AB and CD intersect at O, angle AOC = {x}° and angle BOC = {180 - x}°. "
+                 "Find angle BOD in degrees.",
+        answer=x, equality=True, figure=fig,
+        facts=("AB and CD intersect at O", f"angle AOC = {x}°", f"angle BOC = {180 - x}°"),
+        reasoning=f"Angle BOD and angle AOC are vertical angles, so angle BOD = angle AOC = {x}°.")
+
+
+def _alternate_angles(rng: random.Random) -> Problem:
+    x = rng.choice([v for v in range(35, 150, 5) if v != 90])
+    fig, pts = _parallel_figure(x)
+    _angle_label(fig, pts["E"], pts["A"], pts["F"], f"{180 - x}°", dist=0.25)
+    return Problem(
+        question=f"AB is parallel to CD, and the line EF crosses them with angle BEF = {x}° and "
+                 f"angle AEF = {180 - x}°. Find angle EFC in degrees.",
+        answer=x, equality=True, figure=fig,
+        facts=("AB is parallel to CD", f"angle BEF = {x}°", f"angle AEF = {180 - x}°"),
+        reasoning=f"Angle EFC and angle BEF are alternate angles between parallel lines, "
+                  f"so angle EFC = angle BEF = {x}°.")
+
+
+def _circle_radii(rng: random.Random) -> Problem:
+    r = rng.randrange(2, 16)
+    fig = _circle_figure()
+    fig.labels += [((-0.5, 0.1), str(r)), ((0.5, -0.1), str(2 * r))]
+    return Problem(
+        question=f"O is the center of the circle, AB is a diameter with AB = {2 * r}, and OA = {r}. Find OB.",
+        answer=r, equality=True, figure=fig, facts=("O is the center of the circle", f"AB = {2 * r}", f"OA = {r}"),
+        reasoning=f"OA and OB are radii of the same circle, so OB = OA = {r}.")
+
+
 TEMPLATES = (_triangle_angle_sum, _right_triangle, _isosceles_base_angle, _parallel_lines, _straight_angle,
-             _rectangle, _square, _circle, _triangle_perimeter)
+             _rectangle, _square, _circle, _triangle_perimeter,
+             _rectangle_side, _isosceles_equal_angles, _vertical_angles, _alternate_angles, _circle_radii)
 
 
 # -------------------------------------------------------------------------------------- rendering
@@ -321,9 +414,11 @@ def sample_problem(*, seed: int, index: int) -> Problem:
     """Problem `index` of the dataset with this seed (independent of the dataset size)."""
     rng = random.Random(f"synthetic-{seed}-{index}")
     template = rng.choice(TEMPLATES)
-    while True:  # redraw until copying a given cannot be right
+    while True:  # redraw until copying the wrong given (or any given, for a computed answer) is wrong
         problem = template(rng)
-        if problem.answer not in {int(n) for fact in problem.facts for n in re.findall(r"\d+", fact)}:
+        givens = [int(n) for fact in problem.facts for n in re.findall(r"\d+", fact)]
+        if (givens.count(problem.answer) == 1 and len(set(givens)) > 1) if problem.equality \
+                else problem.answer not in givens:
             return problem
 
 

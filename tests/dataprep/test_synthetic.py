@@ -7,7 +7,7 @@ import pytest
 from math_verify import parse, verify
 from PIL import Image
 
-from dataprep.synthetic import GIVENS_IN_QUESTION, TEMPLATES, make_problems, text_corpus
+from dataprep.synthetic import GIVENS_IN_QUESTION, TEMPLATES, make_problems, sample_problem, text_corpus
 from perception_r1.config import SyntheticData
 
 FORMAT = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\\boxed{.+?}.*?\n</answer>$", re.DOTALL)  # spec §3.1
@@ -40,12 +40,18 @@ def test_math_verify_credits_the_solutions(problems):
     assert all(verify(parse(p.answer), parse(p.solution)) for p in problems[:40])
 
 
-def test_answers_are_small_integers_distinct_from_the_givens(problems):
-    for p in problems:
+def test_answers_are_small_integers_and_copying_the_wrong_given_is_wrong(problems):
+    kinds = set()
+    for index, p in enumerate(problems):
         answer = int(p.answer)
         assert 0 < answer < 200
-        givens = {int(n) for a in p.annotations for n in re.findall(r"\d+", a)}
-        assert answer not in givens, p.problem
+        givens = [int(n) for a in p.annotations for n in re.findall(r"\d+", a)]
+        if sample_problem(seed=0, index=index).equality:  # the answer is one given; another one differs
+            assert givens.count(answer) == 1 and len(set(givens)) > 1, p.problem
+        else:  # computed: no given is the answer
+            assert answer not in givens, p.problem
+        kinds.add(sample_problem(seed=0, index=index).equality)
+    assert kinds == {True, False}
 
 
 def test_annotations_are_the_facts_restated_in_the_think_block(problems):
@@ -73,7 +79,7 @@ def test_images_decode_to_the_configured_size_with_a_drawing(problems):
 
 def test_all_templates_occur(problems):
     shapes = {re.sub(r"\d+", "N", p.problem) for p in problems}
-    assert len(shapes) == len(TEMPLATES) + 3  # rectangle, square and circle ask one of two things
+    assert len(shapes) == len(TEMPLATES) + 4  # rectangle (twice), square and circle ask one of two things
 
 
 def test_text_corpus_matches_the_problems(problems):
