@@ -63,17 +63,19 @@ def start_judge(cfg: JudgeConfig) -> JudgeService:
     from judge.app import LexicalJudgeServer, RewardServer, StatsBoard, VLLMJudgeServer
 
     # per-request access lines would flood the job log (thousands a step); they stay in Serve's log files
-    serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port},
-                logging_config={"log_level": "WARNING", "enable_access_log": False})
+    quiet = {"log_level": "WARNING", "enable_access_log": False}  # serve.start's covers only the proxy and controller
+    serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port}, logging_config=quiet)
     base = f"http://{_client_host(cfg.http_host)}:{cfg.http_port}"
     llm, apps = cfg.llm, [REWARD_APP]
     if isinstance(llm, LexicalJudge):
-        serve.run(LexicalJudgeServer.bind(), name=JUDGE_LLM_APP, route_prefix=f"/{JUDGE_LLM_APP}")
+        serve.run(LexicalJudgeServer.bind(), name=JUDGE_LLM_APP, route_prefix=f"/{JUDGE_LLM_APP}",
+                  logging_config=quiet)
         endpoint, apps = JudgeEndpoint(f"{base}/{JUDGE_LLM_APP}/v1", "lexical-judge"), [JUDGE_LLM_APP, REWARD_APP]
     elif isinstance(llm, VLLMJudge):
         server = VLLMJudgeServer.options(num_replicas=llm.num_replicas,
                                          ray_actor_options={"num_cpus": 0, "num_gpus": llm.num_gpus_per_replica})
-        serve.run(server.bind(llm), name=JUDGE_LLM_APP, route_prefix=f"/{JUDGE_LLM_APP}")
+        serve.run(server.bind(llm), name=JUDGE_LLM_APP, route_prefix=f"/{JUDGE_LLM_APP}",
+                  logging_config=quiet)
         endpoint, apps = JudgeEndpoint(f"{base}/{JUDGE_LLM_APP}/v1", llm.model_path), [JUDGE_LLM_APP, REWARD_APP]
     else:
         assert isinstance(llm, ExternalJudge), type(llm)
@@ -82,7 +84,7 @@ def start_judge(cfg: JudgeConfig) -> JudgeService:
     reward = RewardServer.options(num_replicas=cfg.num_reward_replicas).bind(
         cfg, endpoint, board=board, num_verify_workers=cfg.num_verify_workers,
         verify_timeout_s=cfg.verify_timeout_s)
-    handle = serve.run(reward, name=REWARD_APP, route_prefix=f"/{REWARD_APP}")
+    handle = serve.run(reward, name=REWARD_APP, route_prefix=f"/{REWARD_APP}", logging_config=quiet)
     ray.get(board.all.remote())  # the board is up before the first report
     handle.warm_up.remote().result()
     log.info("judge up: score at %s/%s/score, judge LLM at %s (%s)", base, REWARD_APP, endpoint.base_url, endpoint.model)
