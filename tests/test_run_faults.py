@@ -90,7 +90,7 @@ def test_killed_generation_actor_is_restarted_and_the_run_goes_on(ray_local, tmp
     assert lost >= 0  # groups in flight when it died were requeued (counted), never trained from the dead actor
 
 
-@pytest.mark.reliability(fault="learner worker SIGKILLed mid-run", outcome="Ray Train restarts it from the newest checkpoint (updates after it are lost with the worker), actors rejoin its broadcast group, the buffer rewinds; the run finishes; no group trained twice")
+@pytest.mark.reliability(fault="learner worker SIGKILLed mid-run", outcome="Ray Train restarts it from the newest checkpoint (updates after it are lost with the worker), actors rejoin its broadcast group, the buffer rewinds, the batch it had taken but not trained is requeued (counted); the run finishes; no group trained twice")
 def test_killed_learner_worker_restarts_from_the_newest_checkpoint(ray_local, tmp_path):
     from perception_r1.config import load_config
 
