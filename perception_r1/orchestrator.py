@@ -70,12 +70,15 @@ class Orchestrator:
         self.stopping.set()
 
     async def drain(self, *, timeout_s: float) -> None:
-        """Wait for in-flight calls (bounded); cancel what remains."""
-        if self.tasks:
-            _, pending = await asyncio.wait(set(self.tasks), timeout=timeout_s)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        """Wait for in-flight calls, and for the scoring they spawn as they finish (bounded); cancel what remains."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.tasks and loop.time() < deadline:
+            await asyncio.wait(set(self.tasks), timeout=deadline - loop.time())
+        pending = set(self.tasks)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     async def _free_actor(self) -> int:
         while True:

@@ -69,6 +69,9 @@ class Session:
                             artifact_file="staleness_histogram.json")
             await self.buffer.close.remote()
             dispatch.cancel()
+            (outcome,) = await asyncio.gather(dispatch, return_exceptions=True)
+            if isinstance(outcome, Exception):
+                log.error("the dispatch loop failed: %r", outcome)
             await self.orchestrator.drain(timeout_s=10.0)
             if self.progress is not None:
                 self.progress.close()
