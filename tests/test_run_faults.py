@@ -85,9 +85,8 @@ def test_killed_generation_actor_is_restarted_and_the_run_goes_on(ray_local, tmp
     result = out["result"]
     assert result.final_version == 10 and not result.stopped_early
     seqs = [s for line in ledger(run_dir) for s in line["seqs"]]
-    assert len(seqs) == len(set(seqs)) == 20  # nothing trained twice, every step full
-    lost = result.counters.get("lost_in_flight", 0)
-    assert lost >= 0  # groups in flight when it died were requeued (counted), never trained from the dead actor
+    # nothing trained twice, every step full: what it had in flight was requeued (driver/lost_in_flight)
+    assert len(seqs) == len(set(seqs)) == 20, result.counters
 
 
 @pytest.mark.reliability(fault="learner worker SIGKILLed mid-run", outcome="Ray Train restarts it from the newest checkpoint (updates after it are lost with the worker), actors rejoin its broadcast group, the buffer rewinds, the batch it had taken but not trained is requeued (counted); the run finishes; no group trained twice")
