@@ -9,9 +9,8 @@ method's format (spec §3.1) whose think block restates those facts and the comp
 The problems are meant for the tiny CPU model: one-step templates of two kinds. Computed answers
 (angle sums, areas, perimeters) are never one of the givens, so only memorising a problem gets it right;
 equalities (opposite sides, base angles, vertical and alternate angles, radii) make the answer one of
-two or three givens, picked out by a geometric fact, a skill that carries over to unseen problems. A
-short SFT warm start leaves the model right on some problems and wrong on others, and GRPO has signal
-on both kinds. Problem `i` depends only on `(seed, i)`, not on how many problems are made.
+two or three givens, picked out by a geometric fact (the same rule for every problem of a template). A
+short SFT warm start leaves the model right on some problems and wrong on others, so GRPO has signal. Problem `i` depends only on `(seed, i)`, not on how many problems are made.
 """
 
 from __future__ import annotations
