@@ -35,18 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from replay.records import Prompt, parse_annotations
+from replay.records import IMAGE_PLACEHOLDER, MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, Prompt, parse_annotations
 
 log = logging.getLogger(__name__)
 
 BadRowPolicy = Literal["skip", "raise"]
-IMAGE_PLACEHOLDER = "<image>"
 OUTPUT_NAMES = ("dataset.parquet", "dataset.jsonl")
 """The dataset file names `prepare-data` writes into its output folder."""
-MAX_IMAGE_PIXELS = 64_000_000
-MAX_ASPECT_RATIO = 200
-"""The limits `perception_r1.vl.prepare_image` enforces (not imported from there: it pulls in torch);
-an image over them would fail at generation time, so its row is skipped here instead."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,7 +360,7 @@ def checked_image(data: bytes) -> bytes:
 
 
 def _check_size(width: int, height: int) -> None:
-    """Refuse, before decoding, what `perception_r1.vl.prepare_image` would refuse after it."""
+    """Refuse, before decoding, what `perception_r1.vl.prepare_image` would refuse (the same limits)."""
     if width * height > MAX_IMAGE_PIXELS:
         raise BadImage("huge_image", f"image is {width}x{height}, over {MAX_IMAGE_PIXELS:,} pixels",
                        "downscale it in the dataset")

@@ -21,16 +21,11 @@ from transformers import AutoProcessor, Qwen2_5_VLProcessor
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import is_torchvision_available
 
-from replay.records import Prompt
+from replay.records import IMAGE_PLACEHOLDER, MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, Prompt
 
 if TYPE_CHECKING:  # only attributes are read; keeps this module free of the config's dependencies
     from perception_r1.config import DataConfig
 
-IMAGE_PLACEHOLDER = "<image>"
-MAX_SOURCE_PIXELS = 64_000_000
-"""Images whose header claims more pixels than this are refused before decoding (decompression bombs)."""
-MAX_ASPECT_RATIO = 200
-"""The Qwen2.5-VL image processor refuses images more elongated than this."""
 PROCESSOR_KEYS = {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"}
 """What the transformers-5 processor returns for one text + one image; anything else fails loudly."""
 
@@ -88,9 +83,9 @@ def _decode(data: bytes, *, source: str) -> Image.Image:
     where = source or "a prompt"
     try:
         image = Image.open(io.BytesIO(data))
-        if image.width * image.height > MAX_SOURCE_PIXELS:
+        if image.width * image.height > MAX_IMAGE_PIXELS:
             raise ValueError(f"image of {where} is {image.width}x{image.height} pixels, over the "
-                             f"{MAX_SOURCE_PIXELS:,}-pixel limit for decoding; downscale it in the dataset")
+                             f"{MAX_IMAGE_PIXELS:,}-pixel limit for decoding; downscale it in the dataset")
         image.load()
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"image of {where} cannot be decoded ({type(e).__name__}: {e}); "

@@ -14,6 +14,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+IMAGE_PLACEHOLDER = "<image>"
+"""Where a prompt's image goes in its `problem` text (exactly once)."""
+MAX_IMAGE_PIXELS = 64_000_000
+"""Encoded images whose header claims more pixels than this are refused before decoding (decompression bombs)."""
+MAX_ASPECT_RATIO = 200
+"""The Qwen2.5-VL image processor refuses images more elongated than this."""
+
 
 @dataclass(frozen=True, slots=True)
 class Prompt:
