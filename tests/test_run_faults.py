@@ -55,15 +55,12 @@ def restarted_pid(ray, actor, *, timeout: float) -> int:
 
 @pytest.fixture
 def ray_local(monkeypatch, tmp_path):
-    import socket
-
     import ray
 
     monkeypatch.chdir(tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_port=port)  # the state API finds the worker pids
+    # the dashboard lets the state API find the worker pids; no port given, so Ray tries 8265 and up to 50
+    # after it (a port picked here and freed could be taken by another process before Ray binds it)
+    ray.init(num_cpus=2, include_dashboard=True)
     yield ray
     ray.shutdown()
 
