@@ -1,6 +1,9 @@
 """The generation actor: one engine behind a Ray actor, with two concurrency groups so a weight
 broadcast (`sync` group) is received while a generate call (`generate` group) runs; the new weights
 apply at the next safe point, the start of a generate call. Counts what it did for the driver.
+
+The learner calls it as a `core.seams.WeightReceiver`; the driver reaches `generate` and `stats` through
+its `Generator` adapter (perception_r1/adapters.py). The engine behind it is a `core.seams.Engine`.
 """
 
 from __future__ import annotations
@@ -12,8 +15,16 @@ from typing import Sequence
 
 import ray
 
-from actors.engine import Engine, Sampling
-from replay.records import GenerationStats, Prompt, RolloutGroup, WeightGroupSpec, WeightManifest
+from core.records import (
+    GenerationStats,
+    Prompt,
+    RolloutGroup,
+    Sampling,
+    WeightGroupSpec,
+    WeightManifest,
+)
+from core.seams import Engine
+
 
 def remote_class(*, generate_concurrency: int = 1):
     """The actor class with `generate_concurrency` concurrent generate calls (1 for HF; more for vLLM,

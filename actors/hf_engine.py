@@ -1,7 +1,7 @@
 """The CPU generation engine: transformers `generate` on a Qwen2.5-VL loaded by path, n samples per
 prompt, behaviour logprobs from the processed scores (the distribution each token was drawn from).
 
-Weights arrive through the learner's broadcast group (`replay.weights`) into a staging copy while
+Weights arrive through the learner's broadcast group (`core.weights`) into a staging copy while
 generate() may be running; `apply_staged_weights()` swaps them in at the next safe point.
 """
 
@@ -14,11 +14,17 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from actors.engine import Sampling
-from perception_r1 import vl
-from perception_r1.config import DataConfig
-from replay.records import Prompt, Rollout, RolloutGroup, WeightGroupSpec, WeightManifest
-from replay.weights import digest, open_group, receive, weight_corners
+from core import vl
+from core.config import DataConfig
+from core.records import (
+    Prompt,
+    Rollout,
+    RolloutGroup,
+    Sampling,
+    WeightGroupSpec,
+    WeightManifest,
+)
+from core.weights import digest, open_group, receive, weight_corners
 
 
 def load_model(model_path: str, *, random_weights: bool, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -109,7 +115,7 @@ class HFEngine:
         return True
 
     def weights_digest(self) -> str:
-        """`replay.weights.digest` of every weight (bit-exact comparison with the learner's)."""
+        """`core.weights.digest` of every weight (bit-exact comparison with the learner's)."""
         return digest(self.model.state_dict().items())
 
     def weight_samples(self, suffixes: Sequence[str]) -> dict[str, list]:

@@ -4,7 +4,7 @@ Several generate() calls run at once (the actor's `generate` concurrency group i
 the engine batches across them. A weight update does not drain the engine: it pauses scheduling
 (running requests keep their KV cache), receives the broadcast straight into the workers through
 vLLM's NCCL weight-transfer API, bumps the version and resumes; requests that spanned it carry
-min_version < max_version. All vLLM-version-specific calls go through replay/vllm_compat.py.
+min_version < max_version. All vLLM-version-specific calls go through core/vllm_compat.py.
 """
 
 from __future__ import annotations
@@ -17,11 +17,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from actors.engine import Sampling
-from perception_r1 import vl
-from perception_r1.config import DataConfig, VLLMEngine as VLLMEngineConfig
-from replay import vllm_compat
-from replay.records import Prompt, Rollout, RolloutGroup, WeightGroupSpec, WeightManifest
+from core import vl, vllm_compat
+from core.config import DataConfig, VLLMEngineConfig
+from core.records import (
+    Prompt,
+    Rollout,
+    RolloutGroup,
+    Sampling,
+    WeightGroupSpec,
+    WeightManifest,
+)
 
 
 class VLLMEngine:

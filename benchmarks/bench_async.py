@@ -23,7 +23,7 @@ WARMUP_STEPS = 2
 
 
 def run_one(config: str, *, staleness: int, steps: int, overrides: list[str], out: Path) -> dict:
-    from perception_r1.config import load_config
+    from core.config_files import load_config
     from perception_r1.driver import train
 
     sets = [f"buffer.max_staleness={staleness}", f"run.num_steps={steps}", f"run.name=bench-s{staleness}",

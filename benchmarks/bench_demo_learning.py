@@ -27,7 +27,7 @@ CURVES = ("reward/total", "reward/accuracy", "reward/visual", "reward/format", "
 def run_seed(config: str, *, seed: int, overrides: list[str], out: Path) -> dict:
     """Train one seed from a cold cache (its own model cache folder under `out`); returns its curves,
     window means and wall time."""
-    from perception_r1.config import load_config
+    from core.config_files import load_config
     from perception_r1.driver import train
 
     sets = [f"run.seed={seed}", f"run.name=learn-s{seed}", f"run.output_dir={out}",

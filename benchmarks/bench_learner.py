@@ -24,15 +24,15 @@ PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 def batch(model_path: str, *, groups: int, n: int, completion: int, seed: int):
     import numpy as np
 
+    from core import vl
+    from core.config import DataConfig, SyntheticDataConfig
+    from core.records import RewardBreakdown, Rollout, RolloutGroup, ScoredGroup
     from dataprep.synthetic import make_problems
-    from perception_r1 import vl
-    from perception_r1.config import DataConfig, SyntheticData
-    from replay.records import RewardBreakdown, Rollout, RolloutGroup, ScoredGroup
 
     processor, data = vl.load_processor(model_path), DataConfig()
     rng = np.random.default_rng(seed)
     out = []
-    for prompt in make_problems(SyntheticData(num_problems=groups, seed=seed)):
+    for prompt in make_problems(SyntheticDataConfig(num_problems=groups, seed=seed)):
         ids = vl.encode_prompt(processor, prompt, data=data).input_ids.numpy().astype(np.int32)
         rollouts = tuple(Rollout(rng.integers(300, 150000, completion, dtype=np.int32),
                                  np.full(completion, -11.0, np.float32), "", "length", 0, 0) for _ in range(n))
@@ -44,8 +44,8 @@ def batch(model_path: str, *, groups: int, n: int, completion: int, seed: int):
 def worker(rank: int, world: int, args, queue) -> None:
     import torch.distributed as dist
 
+    from core.config import DataConfig, LearnerConfig
     from learner.trainer import Learner
-    from perception_r1.config import DataConfig, LearnerConfig
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", LOCAL_RANK=str(rank))
     torch.cuda.set_device(rank)

@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--every-s", type=float, default=2.0)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    from perception_r1.config import load_config
+    from core.config_files import load_config
     from perception_r1.driver import train
 
     out = Path(tempfile.mkdtemp(prefix="bench-memory-"))

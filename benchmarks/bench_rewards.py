@@ -38,10 +38,10 @@ F = "<think>\n{t}\n</think>\n<answer>\n{a}\n</answer>"
 @functools.cache
 def responses(num: int) -> list[tuple[str, str, tuple[str, ...]]]:
     """(response, ground truth, annotations), all responses distinct: four kinds per synthetic problem."""
+    from core.config import SyntheticDataConfig
     from dataprep.synthetic import make_problems
-    from perception_r1.config import SyntheticData
 
-    problems = make_problems(SyntheticData(num_problems=max(1, num // 4)))
+    problems = make_problems(SyntheticDataConfig(num_problems=max(1, num // 4)))
     out = []
     for i in range(num):
         p = problems[(i // 4) % len(problems)]
@@ -55,7 +55,7 @@ def responses(num: int) -> list[tuple[str, str, tuple[str, ...]]]:
 
 
 def group_of(i: int, n: int, *, annotated: bool):
-    from replay.records import Prompt, Rollout, RolloutGroup
+    from core.records import Prompt, Rollout, RolloutGroup
 
     texts = [f"{t} #{i}" for t, _, _ in responses(n)]  # distinct per group: no judge-cache hits
     rollouts = tuple(Rollout(np.zeros(8, np.int32), np.zeros(8, np.float32), t, "stop", 0, 0) for t in texts)
@@ -144,15 +144,15 @@ def bench_app(*, repeats: int, n: int) -> tuple[dict[str, float], dict]:
     import ray
     import requests
 
+    from core import codec
+    from core.config import ExternalJudgeConfig, JudgeConfig
     from judge.client import JudgeClient, JudgeEndpoint
     from judge.scoring import GroupScorer
     from judge.service import start_judge
     from judge.verifier import VerifierPool
-    from perception_r1.config import ExternalJudge, JudgeConfig
-    from replay import codec
 
     server, url = _instant_judge()
-    cfg = JudgeConfig(llm=ExternalJudge(base_url=url, model="instant"), http_port=_free_port(), timeout_s=10.0)
+    cfg = JudgeConfig(llm=ExternalJudgeConfig(base_url=url, model="instant"), http_port=_free_port(), timeout_s=10.0)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     svc = start_judge(cfg)
@@ -204,11 +204,11 @@ def _throughput(svc, loop, *, n: int, num_groups: int, in_flight: int) -> float:
 def bench_vllm(args: argparse.Namespace) -> tuple[dict[str, float], dict]:
     import ray
 
+    from core.config import JudgeConfig, VLLMJudgeConfig
     from judge.client import JudgeClient, JudgeEndpoint
     from judge.service import start_judge
-    from perception_r1.config import JudgeConfig, VLLMJudge
 
-    llm = VLLMJudge(model_path=str(Path(args.vllm_model).resolve()), load_format=args.load_format,
+    llm = VLLMJudgeConfig(model_path=str(Path(args.vllm_model).resolve()), load_format=args.load_format,
                     gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)
     cfg = JudgeConfig(llm=llm, http_port=_free_port(), timeout_s=600.0, max_concurrency=args.concurrency, cache_size=0)
     ray.init(include_dashboard=False, log_to_driver=True)

@@ -18,24 +18,23 @@ from benchmarks.common import print_table, write_result
 
 
 def prompts(count: int):
+    from core.config import SyntheticDataConfig
     from dataprep.synthetic import make_problems
-    from perception_r1.config import SyntheticData
 
-    return make_problems(SyntheticData(num_problems=count, seed=11))
+    return make_problems(SyntheticDataConfig(num_problems=count, seed=11))
 
 
 def engine_cfg(args):
-    from perception_r1.config import VLLMEngine
+    from core.config import VLLMEngineConfig
 
-    return VLLMEngine(load_format="dummy", gpu_memory_utilization=0.85, max_model_len=4096, max_num_seqs=1024,
+    return VLLMEngineConfig(load_format="dummy", gpu_memory_utilization=0.85, max_model_len=4096, max_num_seqs=1024,
                       max_num_batched_tokens=8192, enforce_eager=args.eager)
 
 
 def bare(args) -> dict:
     """vLLM alone: AsyncLLM, all requests at once, the same prompt text, images and sampling."""
-    from perception_r1 import vl
-    from perception_r1.config import DataConfig
-    from replay import vllm_compat
+    from core import vl, vllm_compat
+    from core.config import DataConfig
 
     cfg, data = engine_cfg(args), DataConfig()
     processor = vl.load_processor(args.model)
@@ -80,8 +79,8 @@ def in_actor(args) -> dict:
     import ray
 
     from actors.actor import remote_class
-    from actors.engine import Sampling
-    from perception_r1.config import parse_config
+    from core.config_files import parse_config
+    from core.records import Sampling
     from perception_r1.driver import build_engine
 
     ray.init(include_dashboard=False)

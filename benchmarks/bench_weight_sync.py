@@ -26,9 +26,9 @@ class SyncLearner:
     def __init__(self, model_path: str, receivers: list, bucket_mb: int) -> None:
         import torch.distributed as dist
 
+        from core.config import LearnerConfig
         from learner.policy import load_policy
         from learner.sync import WeightBroadcaster
-        from perception_r1.config import LearnerConfig
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
         dist.init_process_group("nccl", rank=0, world_size=1)  # FSDP2 over one rank, as a 1-GPU learner runs
@@ -42,7 +42,7 @@ class SyncLearner:
     def round(self, version: int) -> dict:
         from torch.distributed.tensor import DTensor
 
-        from replay.weights import weight_corners
+        from core.weights import weight_corners
 
         with torch.no_grad():  # every tensor changes, as after an optimizer step
             for p in self.model.parameters():
@@ -63,8 +63,8 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="enforce_eager in vLLM (faster start)")
     args = parser.parse_args()
     from actors.actor import remote_class
-    from actors.engine import Sampling
-    from perception_r1.config import parse_config
+    from core.config_files import parse_config
+    from core.records import Sampling
     from perception_r1.driver import build_engine
 
     ray.init(include_dashboard=False, runtime_env={"env_vars": {"NCCL_NVLS_ENABLE": "0"}})

@@ -1,5 +1,5 @@
 """Stage 3, annotation extraction: a text LLM lists the atomic visual facts a kept solution relies
-on (spec §5, §8.12: given lengths and angles, shapes, perpendicular / parallel / tangent relations,
+on (docs/method.md §5, §8.12: given lengths and angles, shapes, perpendicular / parallel / tangent relations,
 incidence), as a JSON list of short sentences.
 
 Each reply is validated (a JSON list of strings, code fences tolerated), cleaned (whitespace
@@ -14,9 +14,9 @@ import json
 import re
 from dataclasses import dataclass
 
-from dataprep.openai_calls import ChatClient, RequestFailed
-from dataprep.progress import ProgressLog, run_items
-from replay.records import Prompt
+from core.openai_calls import ChatClient, RequestFailed
+from core.progress_log import ProgressLog, run_items
+from core.records import Prompt
 
 PROGRESS_FILE = "annotate.jsonl"
 MAX_FACT_CHARS = 200

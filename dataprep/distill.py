@@ -1,6 +1,6 @@
 """Stage 1, CoT distillation: k step-by-step solutions per problem from a multimodal teacher.
 
-The teacher sees what the policy will see (spec §2): the problem split on `<image>` with the image
+The teacher sees what the policy will see (docs/method.md §2): the problem split on `<image>` with the image
 (a base64 data URL) at the split point, then the method's one-line format prompt, so a correct
 solution comes back in the `<think>…</think>\n<answer>…\boxed{}…</answer>` form and can serve as
 an SFT target. A problem whose k requests all fail is recorded as an error (dropped from this
@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from dataprep.openai_calls import ChatClient, ChatReply, RequestFailed, multimodal_content
-from dataprep.progress import ProgressLog, run_items
-from perception_r1.config import FORMAT_PROMPT
-from replay.records import Prompt
+from core.config import FORMAT_PROMPT
+from core.openai_calls import ChatClient, ChatReply, RequestFailed, multimodal_content
+from core.progress_log import ProgressLog, run_items
+from core.records import Prompt
 
 PROGRESS_FILE = "distill.jsonl"
 

@@ -1,5 +1,5 @@
 """Stage 2, accuracy filter: keep a problem if one of its distilled solutions math-verifies
-against the ground truth under the reward's accuracy rule (spec §3.2, §8.12), and keep that
+against the ground truth under the reward's accuracy rule (docs/method.md §3.2, §8.12), and keep that
 solution (the first correct one in the method's format, else the first correct one). The faithful
 rule drops problems whose bare-LaTeX ground truth it mis-parses, which the reward could never score
 as correct either; `--answer-mode wrap` keeps them (pair it with the same mode in training).
@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from core.records import Prompt
 from dataprep.distill import DistillRecord
-from replay.records import Prompt
 
 PROGRESS_FILE = "filter.jsonl"
 AnswerMode = Literal["faithful", "wrap"]
@@ -36,17 +36,17 @@ class FilterRecord:
 
 
 def accuracy(response: str, *, ground_truth: str, mode: AnswerMode = "faithful") -> float:
-    """r_a of spec §3.2, the training reward's own rule (`judge.rules.accuracy_reward`), so the filter
+    """r_a of docs/method.md §3.2, the training reward's own rule (`judge.rules.accuracy_reward`), so the filter
     and the reward cannot drift: `faithful` is reward mode `reference` (the ground truth parsed raw, so
     `4\\sqrt{3}` reads as 4 and never matches); `wrap` is reward mode `fixed` (non-numeric ground
-    truths wrapped in `$…$`, spec §8.3, plus the fixed mode's other treatments)."""
+    truths wrapped in `$…$`, docs/method.md §8.3, plus the fixed mode's other treatments)."""
     from judge.rules import accuracy_reward
 
     return accuracy_reward(response, ground_truth, mode="reference" if mode == "faithful" else "fixed")
 
 
 def well_formatted(response: str) -> bool:
-    """r_f of spec §3.1 as a bool (used only to prefer well-formed solutions)."""
+    """r_f of docs/method.md §3.1 as a bool (used only to prefer well-formed solutions)."""
     from judge.rules import format_reward
 
     return format_reward(response) == 1.0

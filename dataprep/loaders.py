@@ -14,7 +14,7 @@ Formats, detected from the path:
   a letter A-D) and `img_diagram.png`. The prompt is `<image>` + problem_text (as in the parquet
   form); the answer is the text of the chosen choice. Point the path at one split folder.
 
-Annotations come from `visual_key_info` (a tagged string, or a list, spec §8.5) or else from an
+Annotations come from `visual_key_info` (a tagged string, or a list, docs/method.md §8.5) or else from an
 `annotations` list; a non-empty `visual_key_info` without `<info1>` tags is kept as one annotation,
 as the reference's judge would read it whole. The solution comes from a `solution` or `cot` column.
 
@@ -27,7 +27,6 @@ the json module.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections import Counter
@@ -35,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from replay.records import IMAGE_PLACEHOLDER, MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, Prompt, parse_annotations
+from core.images import BadImage, checked_image
+from core.records import IMAGE_PLACEHOLDER, Prompt, parse_annotations
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,6 @@ class LoadResult:
 class _BadRow(Exception):
     def __init__(self, reason: str, detail: str, fix: str) -> None:
         super().__init__(detail)
-        self.reason, self.detail, self.fix = reason, detail, fix
-
-
-class BadImage(ValueError):
-    """An image no component could use: `reason` names the kind (undecodable, huge, elongated)."""
-
-    def __init__(self, reason: str, detail: str, fix: str) -> None:
-        super().__init__(f"{detail}; {fix}")
         self.reason, self.detail, self.fix = reason, detail, fix
 
 
@@ -164,7 +156,7 @@ def _parquet_rows(source: Path) -> Iterator[tuple[int, str, Any]]:
     columns = set(file.schema_arrow.names)
     missing = {"problem", "answer", "images"} - columns
     if missing:
-        raise ValueError(f"{source}: missing columns {sorted(missing)} (has {sorted(columns)}); see spec §5 for the layout")
+        raise ValueError(f"{source}: missing columns {sorted(missing)} (has {sorted(columns)}); see docs/method.md §5 for the layout")
     row = 0
     for batch in file.iter_batches(batch_size=64):
         for record in batch.to_pylist():
@@ -337,33 +329,3 @@ def normalize_image(data: bytes) -> bytes:
         return checked_image(data)
     except BadImage as e:
         raise _BadRow(e.reason, e.detail, e.fix) from None
-
-
-def checked_image(data: bytes) -> bytes:
-    """PNG or JPEG bytes, checked (size before decoding, then a full decode); other formats are
-    re-encoded as PNG. Raises BadImage. Shared by the training loaders and the benchmark loaders."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            _check_size(img.width, img.height)
-            img.load()
-            if img.format in ("PNG", "JPEG"):
-                return data
-            out = io.BytesIO()
-            img.save(out, format="PNG")
-            return out.getvalue()
-    except BadImage:
-        raise
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        raise BadImage("undecodable_image", f"image does not decode ({type(e).__name__}: {e})", "replace the image") from None
-
-
-def _check_size(width: int, height: int) -> None:
-    """Refuse, before decoding, what `perception_r1.vl.prepare_image` would refuse (the same limits)."""
-    if width * height > MAX_IMAGE_PIXELS:
-        raise BadImage("huge_image", f"image is {width}x{height}, over {MAX_IMAGE_PIXELS:,} pixels",
-                       "downscale it in the dataset")
-    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
-        raise BadImage("elongated_image", f"image is {width}x{height}, more elongated than {MAX_ASPECT_RATIO}:1",
-                       "crop or pad it in the dataset")

@@ -18,17 +18,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from dataprep import annotate as annotate_mod
-from dataprep import distill as distill_mod
-from dataprep import filter as filter_mod
+from core.openai_calls import ChatClient, Endpoint
+from core.progress_log import (
+    ProgressLog,
+    check_inputs,
+    check_manifest,
+    read_records,
+    write_json_atomic,
+    write_records,
+)
+from core.records import Prompt
+from dataprep import (
+    annotate as annotate_mod,
+    distill as distill_mod,
+    filter as filter_mod,
+)
 from dataprep.annotate import AnnotateRecord
 from dataprep.distill import DistillRecord
 from dataprep.filter import AnswerMode, FilterRecord
 from dataprep.loaders import LoadResult
-from dataprep.openai_calls import ChatClient, Endpoint
-from dataprep.progress import ProgressLog, check_inputs, check_manifest, read_records, write_json_atomic, write_records
 from dataprep.writer import write_dataset
-from replay.records import Prompt
 
 STAGES = ("distill", "filter", "annotate", "write")
 REPORT_FILE = "report.json"

@@ -4,7 +4,7 @@ Each problem is a `Prompt` record, the same format as the real dataset: a PNG di
 circles, parallel lines cut by a transversal, intersecting lines, rectangles and squares, with
 labelled vertices, lengths and angles), a question with one `<image>`, a small-integer answer, the
 visual annotations (the facts the diagram shows, as short sentences) and a worked solution in the
-method's format (spec §3.1) whose think block restates those facts and the computation.
+method's format (docs/method.md §3.1) whose think block restates those facts and the computation.
 
 The problems are meant for the tiny CPU model: one-step templates of two kinds. Computed answers
 (angle sums, areas, perimeters) are never one of the givens, so only memorising a problem gets it right;
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw, ImageFont
 
-from perception_r1.config import SyntheticData
-from replay.records import Prompt
+from core.config import SyntheticDataConfig
+from core.records import Prompt
 
 GIVENS_IN_QUESTION = True
 """The question text states the givens that the diagram shows. A tiny random-init model cannot read
@@ -61,7 +61,7 @@ class Problem:
     alternate angles, radii); the question also states a distractor given that differs from it."""
 
     def solution(self) -> str:
-        """The worked solution in the method's exact format (spec §3.1)."""
+        """The worked solution in the method's exact format (docs/method.md §3.1)."""
         return (f"<think>\nThe diagram shows {', '.join(self.facts)}.\n{self.reasoning}\n</think>\n"
                 f"<answer>\n\\boxed{{{self.answer}}}\n</answer>")
 
@@ -421,7 +421,7 @@ def sample_problem(*, seed: int, index: int) -> Problem:
             return problem
 
 
-def make_problems(cfg: SyntheticData) -> list[Prompt]:
+def make_problems(cfg: SyntheticDataConfig) -> list[Prompt]:
     """`cfg.num_problems` rendered problems as Prompt records, ids `synthetic-<seed>-<index>`."""
     prompts = []
     for index in range(cfg.num_problems):

@@ -1,4 +1,4 @@
-"""The prepared training set on disk, in the reference's layout (spec §5) so that the released file
+"""The prepared training set on disk, in the reference's layout (docs/method.md §5) so that the released file
 and ours are read the same way by `dataprep.loaders`:
 
 - `dataset.parquet`: `id`, `problem` (with `<image>`), `answer`, `images` (list of one HF Image
@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from replay.records import Prompt, render_annotations
+from core.records import Prompt, render_annotations
 
 
 def write_dataset(prompts: list[Prompt], *, output_dir: Path, fmt: str = "parquet") -> Path:

@@ -16,11 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Sequence
 
-from judge.rules import Mode
-
 from evaluation.benchmarks import BenchmarkItem
 from evaluation.responders import Responder
-from evaluation.scoring import Extraction, ReferenceScorer, local_extraction, mathverify_correct
+from evaluation.scoring import (
+    Extraction,
+    ReferenceScorer,
+    local_extraction,
+    mathverify_correct,
+)
+from judge.rules import Mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +96,9 @@ async def evaluate(items: Sequence[BenchmarkItem], responder: Responder, *, resu
     Generation runs in a worker thread (a local engine blocks; a remote responder runs its own event
     loop there), scoring in this loop. The first failure stops the run; finished items stay saved.
     """
-    from dataprep.progress import ProgressLog
     from tqdm import tqdm
+
+    from core.progress_log import ProgressLog
 
     with ProgressLog(results_path, cls=EvalRow) as log:
         todo = [item for item in items if item.prompt.id not in log.records]

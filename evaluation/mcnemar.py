@@ -1,6 +1,6 @@
 """McNemar's test between two evaluations of the same items: pairing by id, the 2x2 table and the
 exact two-sided binomial p-value, the form that reproduces the reference's published results
-(spec §6: (2,10) -> 0.0386, (2,4) -> 0.6875, (1,5) -> 0.2188; chi-square with continuity correction
+(docs/method.md §6: (2,10) -> 0.0386, (2,4) -> 0.6875, (1,5) -> 0.2188; chi-square with continuity correction
 gives 0.6831 for (2,4) and does not).
 
     rows of A ─┐                     B yes   B no

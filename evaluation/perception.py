@@ -12,10 +12,9 @@ it is counted. Two judges: an OpenAI-compatible LLM endpoint, or the lexical CPU
 
 from __future__ import annotations
 
-from judge.verdicts import judge_messages, parse_verdicts
-
 from evaluation.benchmarks import BenchmarkItem
 from evaluation.evaluate import PerceptionLabel
+from judge.verdicts import judge_messages, parse_verdicts
 
 
 def label_from_reply(reply: str, *, num_annotations: int) -> PerceptionLabel:
@@ -30,7 +29,7 @@ class LLMLabeller:
     """Asks an OpenAI-compatible judge LLM (the training judge's prompt; temperature 0, 512 tokens)."""
 
     def __init__(self, client) -> None:
-        """`client`: a `dataprep.openai_calls.ChatClient` for the judge endpoint."""
+        """`client`: a `core.openai_calls.ChatClient` for the judge endpoint."""
         self.client = client
         self.num_unparseable = 0
 

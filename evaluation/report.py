@@ -1,5 +1,5 @@
 """What an evaluation reports: per-benchmark accuracy (LLM judge and math-verify) and perception rate,
-printed next to the reference's published numbers (spec §6 Table 1), a bar chart PNG, a summary JSON,
+printed next to the reference's published numbers (docs/method.md §6 Table 1), a bar chart PNG, a summary JSON,
 and optional mlflow logging of all three.
 """
 

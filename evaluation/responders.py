@@ -1,11 +1,10 @@
 """Where responses come from: the `Responder` seam and its implementations, all greedy (temperature 0)
-with 4096 new tokens by default, as the reference evaluates (spec §6).
+with 4096 new tokens by default, as the reference evaluates (docs/method.md §6).
 
 - `OpenAIResponder`: any OpenAI-compatible multimodal endpoint (vLLM, a hosted API). One user
   message, [image as a base64 data URL, question + " " + the format prompt], no system message.
-- `EngineResponder`: a local generation engine behind the narrow callable
-  `generate(prompts) -> list[RolloutGroup]`; the response is `group.rollouts[0].text`.
-- `build_local_responder`: the CPU (or single-device) HF engine of `actors/` on a model folder.
+- `EngineResponder`: a local generation engine (`core.seams.Engine`: the command wires the HF engine
+  of `actors/` on a model folder), n = 1, greedy; the response is `group.rollouts[0].text`.
 
 Note: the reference decodes with special tokens kept; engines here decode without them (what the
 rewards read), so a trailing `<|im_end|>` never appears in our responses.
@@ -14,10 +13,11 @@ rewards read), so a trailing `<|im_end|>` never appears in our responses.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
-from perception_r1.config import FORMAT_PROMPT
-from replay.records import Prompt, RolloutGroup
+from core.config import FORMAT_PROMPT
+from core.records import Prompt, Sampling
+from core.seams import Engine
 
 DEFAULT_MAX_TOKENS = 4096
 
@@ -31,7 +31,7 @@ class OpenAIResponder:
     """Greedy chat completions from an OpenAI-compatible multimodal endpoint."""
 
     def __init__(self, endpoint, *, concurrency: int = 16, format_prompt: str = FORMAT_PROMPT) -> None:
-        """`endpoint`: a `dataprep.openai_calls.Endpoint` (its temperature should be 0)."""
+        """`endpoint`: a `core.openai_calls.Endpoint` (its temperature should be 0)."""
         assert endpoint.temperature == 0.0, "evaluation decodes greedily"
         self.endpoint = endpoint
         self.concurrency = concurrency
@@ -42,7 +42,7 @@ class OpenAIResponder:
         return asyncio.run(self._respond(prompts))
 
     async def _respond(self, prompts: Sequence[Prompt]) -> list[str]:
-        from dataprep.openai_calls import ChatClient, multimodal_content
+        from core.openai_calls import ChatClient, multimodal_content
 
         client = ChatClient(self.endpoint, concurrency=self.concurrency)
         try:
@@ -55,25 +55,14 @@ class OpenAIResponder:
 
 
 class EngineResponder:
-    """Responses from a local engine: `generate(prompts)` returns one group per prompt (n = 1, greedy)."""
+    """Responses from a local engine: one greedy rollout per prompt."""
 
-    def __init__(self, generate: Callable[[list[Prompt]], list[RolloutGroup]]) -> None:
-        self.generate = generate
+    def __init__(self, engine: Engine, *, max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+        self.engine = engine
+        self.sampling = Sampling(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_tokens)
 
     def respond(self, prompts: Sequence[Prompt]) -> list[str]:
-        groups = self.generate(list(prompts))
+        groups = self.engine.generate(list(prompts), sampling=self.sampling, actor_id=0)
         assert len(groups) == len(prompts), (len(groups), len(prompts))
         assert all(g.prompt.id == p.id for g, p in zip(groups, prompts)), "engine returned groups out of order"
         return [g.rollouts[0].text for g in groups]
-
-
-def build_local_responder(model_path: str, *, device: str = "cpu", max_tokens: int = DEFAULT_MAX_TOKENS,
-                          num_threads: int = 1) -> EngineResponder:
-    """Greedy generation with the HF engine of `actors/` on the model folder at `model_path`."""
-    from actors.engine import Sampling
-    from actors.hf_engine import HFEngine
-    from perception_r1.config import DataConfig
-
-    engine = HFEngine(model_path, data=DataConfig(), num_threads=num_threads, device=device)
-    sampling = Sampling(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_tokens)
-    return EngineResponder(lambda prompts: engine.generate(prompts, sampling=sampling, actor_id=0))

@@ -1,6 +1,6 @@
 """Per-item scoring of a response, two ways:
 
-1. The reference's scorer (spec §6): the extracted answer is the `<answer>(.+?)</answer>` span
+1. The reference's scorer (docs/method.md §6): the extracted answer is the `<answer>(.+?)</answer>` span
    (DOTALL) when the response has one, else what a few-shot LLM extraction request returns between
    `<answer>` tags (an extraction reply without tags leaves the whole response, as upstream does);
    then a text LLM judges it against the ground truth and replies true/false. The judgement message
@@ -9,9 +9,9 @@
 2. A free, deterministic score: math-verify, `verify(parse(gt), parse(extracted))`, through the
    training accuracy rule (`judge.rules.accuracy_reward`, timeouts disabled; `reference` or `fixed`
    mode). For multiple-choice items whose answer is an option letter (or an option's text) the
-   option letters are compared instead, since math-verify parses no letters (spec §3.6.5).
+   option letters are compared instead, since math-verify parses no letters (docs/method.md §3.6.5).
 
-Both endpoints are reached through `dataprep.openai_calls.ChatClient` (bounded concurrency,
+Both endpoints are reached through `core.openai_calls.ChatClient` (bounded concurrency,
 timeouts, retries); a request that still fails raises, and the run stops with finished items saved.
 """
 
@@ -20,9 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from judge.rules import Mode, accuracy_reward, last_boxed
-
 from evaluation.benchmarks import BenchmarkItem
+from judge.rules import Mode, accuracy_reward, last_boxed
 
 ANSWER_SPAN = re.compile(r"<answer>(.+?)</answer>", re.DOTALL)
 
@@ -79,7 +78,7 @@ def parse_extraction(reply: str, *, response: str) -> Extraction:
 
 # ------------------------------------------------------------------------------------- judgement
 def judgement_messages(item: BenchmarkItem, *, extracted: str) -> list[dict]:
-    """The true/false request, with the reference's user-message layout (spec §6)."""
+    """The true/false request, with the reference's user-message layout (docs/method.md §6)."""
     choices = f"**Choices**: {item.choices}\n" if item.choices else ""
     user = f"{choices}**Response**: {extracted}\n**Ground Truth Answer**: {item.prompt.answer}\n"
     return [{"role": "system", "content": JUDGEMENT_INSTRUCTIONS}, {"role": "user", "content": user}]
@@ -99,7 +98,7 @@ class ReferenceScorer:
     """The reference's extraction + judgement through one OpenAI-compatible text endpoint."""
 
     def __init__(self, client) -> None:
-        """`client`: a `dataprep.openai_calls.ChatClient` (temperature 0, 128 max tokens, as upstream)."""
+        """`client`: a `core.openai_calls.ChatClient` (temperature 0, 128 max tokens, as upstream)."""
         self.client = client
         self.num_extractions = 0
         self.num_unparseable = 0
@@ -131,7 +130,7 @@ def local_extraction(response: str) -> Extraction:
 def mathverify_correct(item: BenchmarkItem, *, extracted: str, mode: Mode = "reference") -> bool:
     """Option letters compared when the answer names an option, else the training accuracy rule
     `judge.rules.accuracy_reward` on the extracted answer (`reference`: verify(parse(gt), parse(extracted))
-    exactly; `fixed`: degrees, full-width digits and LaTeX ground truths treated, spec §3.6)."""
+    exactly; `fixed`: degrees, full-width digits and LaTeX ground truths treated, docs/method.md §3.6)."""
     gold = gold_letter(item)
     if gold is not None:
         return predicted_letter(extracted, options=item.options) == gold

@@ -24,13 +24,13 @@ import ray
 from fastapi import FastAPI, HTTPException, Request, Response
 from ray import serve
 
+from core import codec
+from core.config import JudgeConfig, VLLMJudgeConfig
+from core.records import JudgeStats, RolloutGroup, ScoredGroup
 from judge.client import JudgeClient, JudgeEndpoint
 from judge.lexical import lexical_reply
 from judge.scoring import GroupScorer
 from judge.verifier import VerifierPool
-from perception_r1.config import JudgeConfig, VLLMJudge
-from replay import codec
-from replay.records import JudgeStats, RolloutGroup, ScoredGroup
 
 MSGPACK = "application/msgpack"
 _SHUTDOWN = {"graceful_shutdown_wait_loop_s": 0.2, "graceful_shutdown_timeout_s": 5.0}
@@ -84,7 +84,7 @@ class RewardServer:
 
     @reward_api.post("/score")
     async def score_http(self, request: Request) -> Response:
-        """msgpack `RolloutGroup` in, msgpack `ScoredGroup` out (`replay.codec`)."""
+        """msgpack `RolloutGroup` in, msgpack `ScoredGroup` out (`core.codec`)."""
         try:
             group = codec.decode(await request.body(), RolloutGroup)
         except Exception as e:  # noqa: BLE001 -- any undecodable body is the client's error
@@ -93,7 +93,8 @@ class RewardServer:
 
     @reward_api.get("/stats")
     async def stats_http(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.scorer.stats())
+        stats = self.scorer.stats()
+        return dataclasses.asdict(stats) | {"num_failures": stats.num_failures}
 
     async def stats(self) -> JudgeStats:
         return self.scorer.stats()
@@ -131,10 +132,10 @@ class VLLMJudgeServer:
     """A judge LLM on vLLM's async engine (v1 `AsyncLLM`), chat template applied with the model's own
     tokenizer; greedy or sampled as the request says."""
 
-    def __init__(self, llm: VLLMJudge) -> None:
+    def __init__(self, llm: VLLMJudgeConfig) -> None:
         from transformers import AutoTokenizer
 
-        from replay import vllm_compat
+        from core import vllm_compat
 
         self.model = llm.model_path
         self.tokenizer = AutoTokenizer.from_pretrained(llm.model_path, local_files_only=True)
@@ -146,7 +147,7 @@ class VLLMJudgeServer:
 
     @vllm_api.post("/v1/chat/completions")
     async def chat(self, body: dict) -> dict[str, Any]:
-        from replay import vllm_compat
+        from core import vllm_compat
 
         prompt = self.tokenizer.apply_chat_template(body.get("messages") or [], tokenize=False,
                                                     add_generation_prompt=True)

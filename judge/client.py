@@ -20,19 +20,20 @@ the environment variable the config names and is never logged.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+from core.config import JudgeConfig
+from core.records import JudgeStats
 from judge.verdicts import Verdicts, judge_messages, parse_verdicts
-from perception_r1.config import JudgeConfig
-from replay.records import JudgeStats
 
 log = logging.getLogger(__name__)
 
@@ -92,18 +93,6 @@ class CircuitBreaker:
             self.opened_at = self.clock()
 
 
-@dataclass
-class _Counters:
-    num_requests: int = 0
-    num_cache_hits: int = 0
-    num_timeouts: int = 0
-    num_errors: int = 0
-    num_unparseable: int = 0
-    num_breaker_rejections: int = 0
-    num_k_mismatch: int = 0
-    latencies: deque = field(default_factory=lambda: deque(maxlen=4096))
-
-
 class _AttemptError(Exception):
     def __init__(self, kind: str, *, retry: bool) -> None:
         super().__init__(kind)
@@ -120,7 +109,8 @@ class JudgeClient:
         self.strict = cfg.verdict_mode == "strict" or cfg.reward.mode == "fixed"
         self.finite = cfg.reward.mode == "fixed"
         self.breaker = CircuitBreaker(failures=cfg.breaker_failures, reset_s=cfg.breaker_reset_s)
-        self.counters = _Counters()
+        self.counters = JudgeStats()
+        self.latencies: deque[float] = deque(maxlen=4096)
         self._cache: OrderedDict[tuple[str, tuple[str, ...]], Verdicts] = OrderedDict()
         self._client = None
         self._semaphore: asyncio.Semaphore | None = None
@@ -146,19 +136,16 @@ class JudgeClient:
                 self.counters.num_errors += 1
             return self._fallback(e.kind)
         finally:
-            self.counters.latencies.append(time.perf_counter() - started)
+            self.latencies.append(time.perf_counter() - started)
         self.breaker.success()
         return self._verdicts(key, text, num_items=len(annotations))
 
-    def stats(self, *, num_groups: int = 0) -> JudgeStats:
-        c, lat = self.counters, np.asarray(self.counters.latencies, dtype=np.float64)
-        failures = c.num_timeouts + c.num_errors + c.num_unparseable + c.num_breaker_rejections
-        return JudgeStats(num_groups=num_groups, num_requests=c.num_requests, num_cache_hits=c.num_cache_hits,
-                          num_failures=failures, num_timeouts=c.num_timeouts, num_errors=c.num_errors,
-                          num_unparseable=c.num_unparseable, num_breaker_rejections=c.num_breaker_rejections,
-                          num_k_mismatch=c.num_k_mismatch, breaker_open=self.breaker.is_open,
-                          latency_p50_s=float(np.percentile(lat, 50)) if lat.size else 0.0,
-                          latency_p99_s=float(np.percentile(lat, 99)) if lat.size else 0.0)
+    def stats(self) -> JudgeStats:
+        """A snapshot of the client's counters, with the breaker's state and latency percentiles."""
+        lat = np.asarray(self.latencies, dtype=np.float64)
+        return dataclasses.replace(self.counters, breaker_open=self.breaker.is_open,
+                                   latency_p50_s=float(np.percentile(lat, 50)) if lat.size else 0.0,
+                                   latency_p99_s=float(np.percentile(lat, 99)) if lat.size else 0.0)
 
     async def close(self) -> None:
         if self._client is not None:

@@ -1,11 +1,11 @@
-"""The rule rewards of spec §3 as pure functions: format r_f, accuracy r_a, the n-gram repetition
+"""The rule rewards of docs/method.md §3 as pure functions: format r_f, accuracy r_a, the n-gram repetition
 penalty r_p, and `combine`, which weighs them with the judge's r_v into a `RewardBreakdown`.
 
 Two modes (`RewardConfig.mode`):
-- `reference` reproduces the upstream reward code exactly, every edge of spec §3.6 included: the
+- `reference` reproduces the upstream reward code exactly, every edge of docs/method.md §3.6 included: the
   ground truth parsed raw (`2\\sqrt{3}` -> 2, `A` -> nothing), `45°` wrong against `45`, boxes merged
   into a set, the no-DOTALL `<answer>` search.
-- `fixed` applies the spec's treatment: a non-numeric ground truth is wrapped in `$...$` so it
+- `fixed` applies docs/method.md's treatment: a non-numeric ground truth is wrapped in `$...$` so it
   parses, degree notations (`°`, `\\degree`, `^ \\circ`) and full-width digits are normalised, and a
   multiple-choice letter is compared as a letter.
 The format rule and the repetition penalty have no upstream bug to treat: both modes use them as is.
@@ -22,15 +22,15 @@ from typing import Literal
 
 import numpy as np
 
-from perception_r1.config import RewardConfig
-from replay.records import RewardBreakdown
+from core.config import RewardConfig
+from core.records import RewardBreakdown
 
 Mode = Literal["reference", "fixed"]
 
 FORMAT_PATTERN = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\\boxed{.+?}.*?\n</answer>$", re.DOTALL)
-"""The reference's format rule, used with `fullmatch` (spec §3.1)."""
+"""The reference's format rule, used with `fullmatch` (docs/method.md §3.1)."""
 ANSWER_PATTERN = re.compile(r"<answer>(.*?)</answer>")
-"""The reference's answer extraction: no DOTALL, so a multi-line answer block does not match (spec §3.2)."""
+"""The reference's answer extraction: no DOTALL, so a multi-line answer block does not match (docs/method.md §3.2)."""
 
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 _GOLD_LETTER = re.compile(r"\(?\s*([A-Z])\s*\)?\.?")
@@ -55,14 +55,14 @@ def _check_mode(mode: str) -> None:
 # ------------------------------------------------------------------------------------------ format
 def format_reward(text: str) -> float:
     """r_f = 1.0 iff the whole text fullmatches `^<think>\\n.*?\\n</think>\\n<answer>\\n.*?\\boxed{.+?}.*?\\n</answer>$`
-    (DOTALL); a trailing newline, a leading space or `<think> x </think>` give 0.0 (spec §3.1, §3.6.3)."""
+    (DOTALL); a trailing newline, a leading space or `<think> x </think>` give 0.0 (docs/method.md §3.1, §3.6.3)."""
     return 1.0 if FORMAT_PATTERN.fullmatch(text) else 0.0
 
 
 # ---------------------------------------------------------------------------------------- accuracy
 def answer_text(text: str) -> str:
     """What gets scored: the first one-line `<answer>...</answer>` span, stripped, else the whole text
-    stripped (a well-formatted multi-line answer block does not match, spec §3.2)."""
+    stripped (a well-formatted multi-line answer block does not match, docs/method.md §3.2)."""
     m = ANSWER_PATTERN.search(text)
     return m.group(1).strip() if m else text.strip()
 
@@ -91,7 +91,7 @@ def _math_verify(gold: str, given: str) -> float:
     try:
         parsed_gold = parse(gold, parsing_timeout=None)
         return 1.0 if verify(parsed_gold, parse(given, parsing_timeout=None), timeout_seconds=None) else 0.0
-    except Exception:  # noqa: BLE001 -- the reference scores any parse/verify failure as 0 (spec §3.2)
+    except Exception:  # noqa: BLE001 -- the reference scores any parse/verify failure as 0 (docs/method.md §3.2)
         return 0.0
 
 
@@ -134,7 +134,7 @@ def last_boxed(text: str) -> str | None:
 # -------------------------------------------------------------------------------------- repetition
 def repetition_penalty(text: str, *, n: int = 20, penalty: float = -2.0) -> float:
     """r_p = (1 - U/T) * penalty over the lower-cased whitespace words, T = #n-grams, U = #distinct
-    n-grams; 0.0 for a blank text or fewer than n words (spec §3.4). 100 copies of a word: -1.975."""
+    n-grams; 0.0 for a blank text or fewer than n words (docs/method.md §3.4). 100 copies of a word: -1.975."""
     if n < 1:
         raise ValueError(f"n={n} must be >= 1")
     words = text.lower().split()
@@ -157,8 +157,8 @@ def combine(
     judge_error: str = "",
 ) -> RewardBreakdown:
     """R = w_a*r_a + w_f*r_f + w_p*r_p + w_v*r_v, accumulated in float32 in the reference's order
-    (rule part, then + penalty, then + visual: its reward tensor is float32, spec §3.6.6);
-    `overall` = w_a*r_a + w_f*r_f + w_v*r_v in float64, without r_p (spec §3.5)."""
+    (rule part, then + penalty, then + visual: its reward tensor is float32, docs/method.md §3.6.6);
+    `overall` = w_a*r_a + w_f*r_f + w_v*r_v in float64, without r_p (docs/method.md §3.5)."""
     rule = weights.accuracy_weight * accuracy + weights.format_weight * format
     visual_term = weights.visual_weight * visual if weights.use_visual_reward else 0.0
     total = np.float32(rule) + np.float32(weights.repetition_weight * repetition)

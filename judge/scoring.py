@@ -1,5 +1,5 @@
 """Scoring one rollout group: the rule rewards and the judge's verdicts of all n rollouts at once,
-combined per rollout into `RewardBreakdown`s (spec §3.5). Plain asyncio, no Ray: the reward
+combined per rollout into `RewardBreakdown`s (docs/method.md §3.5). Plain asyncio, no Ray: the reward
 deployment (`judge.app`) wraps it, tests drive it directly.
 
     group ─┬─ format, repetition (inline, microseconds)
@@ -10,17 +10,16 @@ deployment (`judge.app`) wraps it, tests drive it directly.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 
-from judge.client import Judgement, JudgeClient
+from core.config import JudgeConfig
+from core.records import JudgeStats, RewardBreakdown, RolloutGroup, ScoredGroup
+from judge.client import JudgeClient, Judgement
 from judge.rules import combine, format_reward, repetition_penalty
 from judge.verifier import VerifierPool
-from perception_r1.config import JudgeConfig
-from replay.records import JudgeStats, RewardBreakdown, RolloutGroup, ScoredGroup
 
 _NO_JUDGEMENT = Judgement(visual=0.0)
-"""A prompt without annotations (or the visual reward off): r_v = 0, not a failure (spec §3.3)."""
+"""A prompt without annotations (or the visual reward off): r_v = 0, not a failure (docs/method.md §3.3)."""
 
 
 class GroupScorer:
@@ -44,10 +43,8 @@ class GroupScorer:
         return ScoredGroup(group=group, rewards=rewards, judge_seconds=time.perf_counter() - started)
 
     def stats(self) -> JudgeStats:
-        """The judge's counters, plus `num_verify_timeouts` (verifications that timed out or crashed, scored 0)."""
-        stats = self.judge.stats(num_groups=self.num_groups)
-        c = self.verifier.counters
-        return dataclasses.replace(stats, num_verify_timeouts=c.num_timeouts + c.num_crashes)
+        """The judge client's and the verifier's counters merged, with the groups scored."""
+        return JudgeStats.merge([self.judge.stats(), self.verifier.counters, JudgeStats(num_groups=self.num_groups)])
 
     async def close(self) -> None:
         await asyncio.gather(self.verifier.close(), self.judge.close())

@@ -1,5 +1,5 @@
 """Starting and stopping the judge on a running Ray cluster: `start_judge(cfg)` deploys the Serve
-applications the config asks for and returns a `JudgeService`, the driver's `replay.seams.Scorer`.
+applications the config asks for and returns a `JudgeService`, the driver's `core.seams.Scorer`.
 
     judge.llm.type   Serve applications deployed                      judge endpoint the rewards call
     lexical          judge-llm (LexicalJudgeServer) + reward          http://<host>:<port>/judge-llm/v1
@@ -9,14 +9,16 @@ applications the config asks for and returns a `JudgeService`, the driver's `rep
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
-import numpy as np
-
+from core.config import (
+    ExternalJudgeConfig,
+    JudgeConfig,
+    LexicalJudgeConfig,
+    VLLMJudgeConfig,
+)
+from core.records import JudgeStats, RolloutGroup, ScoredGroup
 from judge.client import JudgeEndpoint
-from perception_r1.config import ExternalJudge, JudgeConfig, LexicalJudge, VLLMJudge
-from replay.records import JudgeStats, RolloutGroup, ScoredGroup
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ class JudgeService:
 
     async def stats(self) -> JudgeStats:
         """Counters summed over reward replicas; latency percentiles are the worst replica's."""
-        return merge_stats(await self.board.all.remote())
+        return JudgeStats.merge(await self.board.all.remote())
 
     def stop(self) -> None:
         import ray
@@ -43,16 +45,6 @@ class JudgeService:
         for app in self.apps:
             serve.delete(app)
         ray.kill(self.board)
-
-
-def merge_stats(replicas: list[JudgeStats]) -> JudgeStats:
-    if not replicas:
-        return JudgeStats()
-    summed = {f.name: sum(getattr(s, f.name) for s in replicas) for f in dataclasses.fields(JudgeStats)
-              if f.type in ("int", int)}
-    return JudgeStats(**summed, breaker_open=any(s.breaker_open for s in replicas),
-                      latency_p50_s=float(np.max([s.latency_p50_s for s in replicas])),
-                      latency_p99_s=float(np.max([s.latency_p99_s for s in replicas])))
 
 
 def start_judge(cfg: JudgeConfig) -> JudgeService:
@@ -67,18 +59,18 @@ def start_judge(cfg: JudgeConfig) -> JudgeService:
     serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port}, logging_config=quiet)
     base = f"http://{_client_host(cfg.http_host)}:{cfg.http_port}"
     llm, apps = cfg.llm, [REWARD_APP]
-    if isinstance(llm, LexicalJudge):
+    if isinstance(llm, LexicalJudgeConfig):
         serve.run(LexicalJudgeServer.bind(), name=JUDGE_LLM_APP, route_prefix=f"/{JUDGE_LLM_APP}",
                   logging_config=quiet)
         endpoint, apps = JudgeEndpoint(f"{base}/{JUDGE_LLM_APP}/v1", "lexical-judge"), [JUDGE_LLM_APP, REWARD_APP]
-    elif isinstance(llm, VLLMJudge):
+    elif isinstance(llm, VLLMJudgeConfig):
         server = VLLMJudgeServer.options(num_replicas=llm.num_replicas,
                                          ray_actor_options={"num_cpus": 0, "num_gpus": llm.num_gpus_per_replica})
         serve.run(server.bind(llm), name=JUDGE_LLM_APP, route_prefix=f"/{JUDGE_LLM_APP}",
                   logging_config=quiet)
         endpoint, apps = JudgeEndpoint(f"{base}/{JUDGE_LLM_APP}/v1", llm.model_path), [JUDGE_LLM_APP, REWARD_APP]
     else:
-        assert isinstance(llm, ExternalJudge), type(llm)
+        assert isinstance(llm, ExternalJudgeConfig), type(llm)
         endpoint = JudgeEndpoint(llm.base_url, llm.model, api_key_env=llm.api_key_env)
     board = StatsBoard.remote()
     reward = RewardServer.options(num_replicas=cfg.num_reward_replicas).bind(

@@ -1,5 +1,5 @@
 """The judge request and its verdicts: what the text-only judge LLM is asked, and how its answer
-becomes the visual perception reward r_v (spec §3.3, §3.6.1-2).
+becomes the visual perception reward r_v (docs/method.md §3.3, §3.6.1-2).
 
 Request. The reference's structure and output protocol, in our own words: a system message (the
 instruction, then three worked examples) and a user message holding the annotation items as tagged
@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from replay.records import parse_annotations, render_annotations
+from core.records import parse_annotations, render_annotations
 
 BEGIN, END = "<<<RESPONSE", "RESPONSE>>>"
 
@@ -130,7 +130,7 @@ def _score(content: str, *, finite: bool) -> float:
         return 0.0
     if finite and not math.isfinite(s):
         return 0.0
-    return float(max(0, min(1, s)))  # this order: nan -> min(1, nan) = 1 (spec §3.6.1)
+    return float(max(0, min(1, s)))  # this order: nan -> min(1, nan) = 1 (docs/method.md §3.6.1)
 
 
 def parse_verdicts(text: str, *, num_items: int, strict: bool = False, finite: bool = False) -> Verdicts:

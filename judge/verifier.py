@@ -18,22 +18,13 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+
+from core.records import JudgeStats
 
 log = logging.getLogger(__name__)
 
 _ROOT = str(Path(__file__).resolve().parent.parent)
-
-
-@dataclass
-class VerifierCounters:
-    num_calls: int = 0
-    num_timeouts: int = 0
-    """Verifications that overran the timeout (scored 0.0)."""
-    num_crashes: int = 0
-    """Verifications whose worker process died (scored 0.0)."""
-    num_restarts: int = 0
 
 
 class _Worker:
@@ -65,7 +56,8 @@ class VerifierPool:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s={timeout_s} must be > 0")
         self.num_workers, self.timeout_s, self.start_timeout_s = num_workers, timeout_s, start_timeout_s
-        self.counters = VerifierCounters()
+        self.counters = JudgeStats()
+        """Its part of the judge's counters: the num_verify_* fields."""
         self._idle: asyncio.Queue[_Worker | None] | None = None
         self._all: set[_Worker] = set()
         self._start_lock: asyncio.Lock | None = None
@@ -92,17 +84,17 @@ class VerifierPool:
         if worker is None or self._broken is not None:
             self._idle.put_nowait(None)  # wake the next waiter too
             raise RuntimeError(f"the verifier pool is broken: {self._broken!r}")
-        self.counters.num_calls += 1
+        self.counters.num_verify_calls += 1
         request = {"text": text, "ground_truth": ground_truth, "mode": mode}
         try:
             score = await asyncio.wait_for(worker.call(request), self.timeout_s)
         except asyncio.TimeoutError:
-            self.counters.num_timeouts += 1
+            self.counters.num_verify_timeouts += 1
             log.warning("accuracy verification overran %.1f s; scored 0 (answer starts %r)", self.timeout_s, text[:80])
             self._replace(worker)
             return 0.0
         except (ConnectionError, BrokenPipeError, ValueError, KeyError) as e:
-            self.counters.num_crashes += 1
+            self.counters.num_verify_crashes += 1
             log.warning("verifier worker failed (%s: %s); scored 0", type(e).__name__, e)
             self._replace(worker)
             return 0.0
@@ -137,7 +129,7 @@ class VerifierPool:
         return worker
 
     def _replace(self, worker: _Worker) -> None:
-        self.counters.num_restarts += 1
+        self.counters.num_verify_restarts += 1
         task = asyncio.get_running_loop().create_task(self._respawn(worker))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

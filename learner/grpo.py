@@ -1,9 +1,9 @@
 """The GRPO math of the learner, as pure functions over tensors (torch only; no Ray, vLLM, FSDP).
 
-Owns: group advantages (spec §4), completion masks, per-token log-probabilities and entropy from
+Owns: group advantages (docs/method.md §4), completion masks, per-token log-probabilities and entropy from
 logits, the k3 KL estimator, and the clipped policy loss in its three variants (`LossConfig.type`):
 
-- `grpo`: the reference's loss (spec §4), asymmetric clip in log space plus dual clip;
+- `grpo`: the reference's loss (docs/method.md §4), asymmetric clip in log space plus dual clip;
 - `tis`: the same per-token loss times a truncated importance weight min(pi_old/pi_behaviour, cap);
 - `decoupled`: AReaL's decoupled PPO: clipped against the proximal policy the learner recomputed,
   times pi_prox/pi_behaviour, with tokens over the behaviour cap masked out.
@@ -14,7 +14,7 @@ are [B, T] and aligned: `logp[b, t]` is the log-probability of completion token 
 Normalizer semantics (how micro-batches add up to one batch): `policy_loss` divides by a
 `normalizer` computed once over the WHOLE batch with `loss_normalizer`, so summing the losses (and
 gradients) of the micro-batches gives exactly the batch loss. With `token_mean` that is a global
-token mean over every sequence of the step: spec §8.11's documented approximation of the
+token mean over every sequence of the step: docs/method.md §8.11's documented approximation of the
 reference's per-micro-batch token mean (which depends on its length-balanced reordering).
 """
 
@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor
 
-from perception_r1.config import LossConfig
+from core.config import LossConfig
 
 LOG_RATIO_LIMIT = 20.0
 """Log-ratios are clamped to +-20 before exp, as the reference does, so one wild token cannot give inf."""
@@ -66,7 +66,7 @@ def completion_mask(token_ids: Tensor, *, lengths: Tensor | None = None, eos_tok
 
         mask[b, t] = 1  iff  t < lengths[b]  and  no eos_token_id at any position < t
 
-    so the first EOS itself is valid (spec §3: "up to and including the first EOS") and padding is
+    so the first EOS itself is valid (docs/method.md §3: "up to and including the first EOS") and padding is
     not. Give `lengths`, `eos_token_id`, or both (both: the shorter wins).
     """
     if lengths is None and eos_token_id is None:
@@ -165,7 +165,7 @@ def clip_ratios(logp: Tensor, *, old_logp: Tensor, clip_low: float, clip_high: f
 
 def clipped_token_loss(logp: Tensor, *, old_logp: Tensor, advantages: Tensor, clip_low: float,
                        clip_high: float, dual_clip: float | None) -> Tensor:
-    """The reference's per-token loss (spec §4); advantages broadcast against logp:
+    """The reference's per-token loss (docs/method.md §4); advantages broadcast against logp:
 
         rho   = exp(logp - old_logp)
         rho_c = exp(clamp(logp - old_logp, ln(1 - clip_low), ln(1 + clip_high)))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from perception_r1.config import LearnerConfig
+from core.config import LearnerConfig
 
 
 @dataclass(slots=True)

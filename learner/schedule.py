@@ -1,7 +1,7 @@
-"""The learning-rate schedule (spec §4): linear warmup from 0, then constant, no decay.
+"""The learning-rate schedule (docs/method.md §4): linear warmup from 0, then constant, no decay.
 
 The scheduler steps after each optimizer update, so update k (0-based) uses `lr_at(k)` and the
-first update uses lr 0, as the reference does (spec §8.9). With the recipe's 275 steps the warmup
+first update uses lr 0, as the reference does (docs/method.md §8.9). With the recipe's 275 steps the warmup
 is int(0.05 * 275) = 13 updates: lr_at(0) = 0, lr_at(1) = base/13, ..., lr_at(13) = base.
 """
 

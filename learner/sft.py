@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
+from core import vl
+from core.config import DataConfig, SFTConfig
+from core.records import Prompt
 from learner.grpo import token_logprobs
 from learner.policy import Sequence, completion_logits, micro_batches, pack
 from learner.schedule import warmup_scheduler
-from perception_r1 import vl
-from perception_r1.config import DataConfig, SFTConfig
-from replay.records import Prompt
 
 MARKER = "sft.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json")

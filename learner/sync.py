@@ -2,8 +2,8 @@
 group; all learner ranks gather full parameters from their FSDP shards tensor by tensor, rank 0
 broadcasts them in buckets, and each actor applies them (HF: at its next safe point; vLLM: pausing
 scheduling for the swap). Two wires, one protocol:
-- `torch`: replay/weights.py over a standalone gloo (CPU) or NCCL process group, HF engines;
-- `vllm`: vLLM's own NCCL weight-transfer group (replay/vllm_compat.py), vLLM engines, whose
+- `torch`: core/weights.py over a standalone gloo (CPU) or NCCL process group, HF engines;
+- `vllm`: vLLM's own NCCL weight-transfer group (core/vllm_compat.py), vLLM engines, whose
   tensor-parallel workers each take a rank.
 
 A collective that does not finish in `timeout_s` raises an error naming the actors that did not
@@ -19,8 +19,8 @@ import ray
 import torch
 from torch.distributed.tensor import DTensor
 
-from replay.records import WeightGroupSpec, WeightManifest
-from replay.weights import free_port, make_manifest, node_ip, open_group, send
+from core.records import WeightGroupSpec, WeightManifest
+from core.weights import free_port, make_manifest, node_ip, open_group, send
 
 
 class SyncTimeout(RuntimeError):
@@ -50,7 +50,7 @@ class WeightBroadcaster:
         refs = [r.join_weight_group.remote(WeightGroupSpec(host, port, offset, world, self.backend, self.timeout_s))
                 for r, offset in zip(self.receivers, offsets)]
         if self.transport == "vllm":
-            from replay import vllm_compat
+            from core import vllm_compat
 
             self.group = vllm_compat.trainer_join_group(host=host, port=port, world_size=world)
         else:
@@ -103,7 +103,7 @@ class WeightBroadcaster:
             self.connect()
 
     def _send_vllm(self, manifest: WeightManifest, tensors) -> int:
-        from replay import vllm_compat
+        from core import vllm_compat
 
         sent = 0
 

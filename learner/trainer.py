@@ -15,12 +15,18 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from learner.grpo import group_advantages, loss_normalizer, policy_loss, token_logprobs, entropy_from_logits
+from core import vl
+from core.config import DataConfig, LearnerConfig
+from core.records import ScoredGroup
+from learner.grpo import (
+    entropy_from_logits,
+    group_advantages,
+    loss_normalizer,
+    policy_loss,
+    token_logprobs,
+)
 from learner.policy import Sequence, completion_logits, load_policy, micro_batches, pack
 from learner.schedule import warmup_scheduler
-from perception_r1 import vl
-from perception_r1.config import DataConfig, LearnerConfig
-from replay.records import ScoredGroup
 
 
 class Learner:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,19 @@ import ray
 import torch
 import torch.distributed as dist
 
-from learner.checkpoint import load_learner, newest_complete, save_learner
+from core.config import Config
+from core.records import (
+    LearnerFinished,
+    LearnerStarted,
+    LearnerStep,
+    ScoredGroup,
+    TrainBatch,
+)
+from core.seams import BatchSource, ReportSink
+from learner.batch_metrics import reward_metrics
+from learner.sharded_state import load_learner, newest_complete, save_learner
 from learner.sync import WeightBroadcaster
 from learner.trainer import Learner
-from perception_r1.config import Config
-from replay.metrics import reward_metrics
-from replay.records import LearnerStepRecord, ScoredGroup
 
 
 @dataclass
@@ -36,9 +42,11 @@ class LearnerWiring:
     config: dict
     model_path: str
     buffer: Any
+    """The replay buffer's actor handle (rank 0 reaches it through `RayBatchSource`)."""
     actors: list
-    reports: Any
-    """A `ray.util.queue.Queue` the driver reads LearnerStepRecords from."""
+    """The generation actors' handles: the `core.seams.WeightReceiver`s of the weight broadcast."""
+    reports: ReportSink
+    """A `ray.util.queue.Queue` the driver reads LearnerReports from."""
     checkpoint_root: str
     resume_from: str | None = None
     weight_transport: str = "torch"
@@ -60,25 +68,47 @@ def train_loop_per_worker(loop_config: dict) -> None:
         transport=wiring.weight_transport)
     connect_s = sync.connect()
     sync_s, _ = sync.broadcast(learner.model, version=version)
+    source = RayBatchSource(wiring.buffer)
     if rank == 0:
-        ray.get(wiring.buffer.learner_started.remote(version))
-        wiring.reports.put(LearnerStepRecord(step=version, version=version, metrics={"learner/started": 1.0}))
+        source.learner_started(version)
+        wiring.reports.put(LearnerStarted(version=version))
         print(f"learner: version {version}, weight group formed in {connect_s:.1f}s, first sync {sync_s:.2f}s",
               flush=True)
-    _loop(cfg, wiring, learner, sync, rank=rank, version=version)
+    _loop(cfg, wiring, learner, sync, source, rank=rank, version=version)
 
 
-def _loop(cfg: Config, wiring: LearnerWiring, learner: Learner, sync: WeightBroadcaster, *, rank: int,
-          version: int) -> None:
+class RayBatchSource:
+    """The buffer's actor handle as a `core.seams.BatchSource`: take() fetches the groups of the refs
+    the buffer hands out (group data never passes through the buffer)."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    def take(self, k: int, *, step: int) -> TrainBatch | None:
+        taken = ray.get(self.handle.take.remote(k))
+        if taken is None:
+            return None
+        groups = ray.get([refs[0] for refs, _, _ in taken])
+        return TrainBatch(step=step, groups=tuple(groups), staleness=tuple(s for _, _, s in taken))
+
+    def publish_version(self, learner_version: int, synced_version: int) -> None:
+        ray.get(self.handle.publish_version.remote(learner_version, synced_version))
+
+    def learner_started(self, version: int) -> None:
+        ray.get(self.handle.learner_started.remote(version))
+
+
+def _loop(cfg: Config, wiring: LearnerWiring, learner: Learner, sync: WeightBroadcaster, source: BatchSource, *,
+          rank: int, version: int) -> None:
     synced = version
     while version < cfg.run.num_steps:
         wait_start = time.perf_counter()
-        batch = _take(wiring.buffer, cfg.learner.prompts_per_step, rank=rank)
-        if batch is None:  # the driver is stopping the run
+        shared = _take(source, cfg.learner.prompts_per_step, step=version, rank=rank)
+        if shared is None:  # the driver is stopping the run
             break
-        groups, staleness = batch
+        batch, mine = shared
         wait_s = time.perf_counter() - wait_start
-        metrics = learner.step(groups)
+        metrics = learner.step(mine)
         step, version = version, version + 1
         sync_s = sync_bytes = 0
         if version % cfg.sync.interval_steps == 0 or version == cfg.run.num_steps:
@@ -86,29 +116,29 @@ def _loop(cfg: Config, wiring: LearnerWiring, learner: Learner, sync: WeightBroa
             synced = version
         ckpt = _maybe_checkpoint(cfg, wiring, learner, version=version)
         if rank == 0:
-            ray.get(wiring.buffer.publish_version.remote(version, synced))
-            metrics.update(reward_metrics(groups, staleness=staleness))
+            source.publish_version(version, synced)
+            metrics.update(reward_metrics(batch.groups, staleness=batch.staleness))
             metrics.update({"learner/wait_seconds": wait_s, "sync/seconds": sync_s,
                             "sync/gbytes_per_s": sync_bytes / max(sync_s, 1e-9) / 1e9 if sync_bytes else 0.0})
-            wiring.reports.put(LearnerStepRecord(step=step, version=version, metrics=metrics,
-                                                 seqs=tuple(g.group.seq for g in groups), checkpoint_path=ckpt))
+            wiring.reports.put(LearnerStep(step=step, version=version, metrics=metrics,
+                                           seqs=tuple(g.group.seq for g in batch.groups), checkpoint_path=ckpt))
+    ckpt = ""
     if version < cfg.run.num_steps or cfg.checkpoint.every_steps == 0 or version % cfg.checkpoint.every_steps:
         ckpt = _checkpoint(wiring, learner, version=version)  # at shutdown
-        if rank == 0:
-            wiring.reports.put(LearnerStepRecord(step=version - 1, version=version, checkpoint_path=ckpt,
-                                                 metrics={"learner/final": 1.0}))
+    if rank == 0:
+        wiring.reports.put(LearnerFinished(version=version, checkpoint_path=ckpt))
 
 
-def _take(buffer, k: int, *, rank: int) -> tuple[list[ScoredGroup], list[int]] | None:
-    """Rank 0 takes k groups and scatters them round-robin; returns (this rank's groups, all staleness)."""
+def _take(source: BatchSource, k: int, *, step: int, rank: int) -> tuple[TrainBatch, list[ScoredGroup]] | None:
+    """Rank 0 takes the batch and scatters it round-robin; returns (the batch, this rank's share of its groups).
+    Ranks other than 0 get the batch without groups (only rank 0 reports on it)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     shares: list = [None] * world
     if rank == 0:
-        taken = ray.get(buffer.take.remote(k))
-        if taken is not None:
-            groups = ray.get([refs[0] for refs, _, _ in taken])
-            staleness = [s for _, _, s in taken]
-            shares = [(groups[r::world], staleness) for r in range(world)]
+        batch = source.take(k, step=step)
+        if batch is not None:
+            empty = TrainBatch(step=step, groups=(), staleness=())
+            shares = [(batch if r == 0 else empty, list(batch.groups[r::world])) for r in range(world)]
     if world == 1:
         return shares[0]
     received: list = [None]

@@ -12,9 +12,9 @@ import sys
 SUBCOMMANDS = {
     "train": ("perception_r1.train_cmd", "run the asynchronous actor-learner GRPO training job"),
     "sft": ("perception_r1.sft_cmd", "supervised warm start on worked solutions"),
-    "prepare-data": ("dataprep.cli", "CoT distillation, accuracy filter, visual-annotation extraction"),
-    "eval": ("evaluation.cli", "evaluate a model on multimodal math benchmarks"),
-    "mcnemar": ("evaluation.mcnemar_cmd", "exact McNemar test between two evaluation JSONL files"),
+    "prepare-data": ("perception_r1.prepare_data_cmd", "CoT distillation, accuracy filter, visual-annotation extraction"),
+    "eval": ("perception_r1.eval_cmd", "evaluate a model on multimodal math benchmarks"),
+    "mcnemar": ("perception_r1.mcnemar_cmd", "exact McNemar test between two evaluation JSONL files"),
     "build-tiny-model": ("perception_r1.tiny_model_cmd", "build the tiny random Qwen2.5-VL used by the demo and tests"),
 }
 

@@ -18,7 +18,28 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from perception_r1.config import Config, HFEngine, TinyModel, to_yaml
+import ray
+from ray import serve
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.queue import Queue
+
+from actors.actor import remote_class
+from core.config import Config, HFEngineConfig, TinyModelConfig
+from core.config_files import to_yaml
+from core.records import Sampling
+from dataprep.loaders import load_prompts as load_file
+from dataprep.synthetic import make_problems
+from judge.service import start_judge
+from learner.sft import run_sft
+from learner.worker import LearnerWiring, train_loop_per_worker
+from perception_r1.adapters import RayBuffer, RayGenerator, RayReports
+from perception_r1.run_checkpoints import load_latest
+from perception_r1.session import Session
+from perception_r1.stream import PromptStream
+from perception_r1.tiny_model import build_tiny_model
+from perception_r1.tracking import ConsoleSink, FanOut, MlflowSink, RayMetricsSink
+from replay.buffer import ReplayBuffer
 
 log = logging.getLogger("perception_r1")
 
@@ -37,9 +58,7 @@ class RunResult:
 
 # ------------------------------------------------------------------------------------------- build
 def resolve_model(cfg: Config) -> str:
-    if isinstance(cfg.model, TinyModel):
-        from perception_r1.tiny_model import build_tiny_model
-
+    if isinstance(cfg.model, TinyModelConfig):
         return str(build_tiny_model(cfg.model).resolve())  # workers may run in another directory
     path = Path(cfg.model.path)
     if not (path / "config.json").is_file():
@@ -57,8 +76,6 @@ def resolve_model(cfg: Config) -> str:
 
 def warm_start(cfg: Config, model_path: str, prompts: list) -> str:
     """Run (or reuse) the SFT stage; returns the folder GRPO starts from."""
-    from learner.sft import run_sft
-
     out = sft_dir(cfg)
     summary = run_sft(model_path, cfg=cfg.sft, data=cfg.data, prompts=prompts, out=out, seed=cfg.run.seed,
                       max_tokens_per_micro_batch=cfg.learner.max_tokens_per_micro_batch,
@@ -79,19 +96,13 @@ def sft_dir(cfg: Config) -> Path:
 def load_prompts(cfg: Config) -> list:
     source = cfg.data.dataset
     if source.type == "synthetic":
-        from dataprep.synthetic import make_problems
-
         return make_problems(source)
-    from dataprep.loaders import load_prompts as load_file
-
     return load_file(source.path, on_bad_row=source.on_bad_row)
 
 
 def init_ray(cfg: Config) -> str:
     """Connect to Ray: `reused` (this process is already connected: a test, a notebook), `joined` (a
     running cluster: `cluster.address`, or `RAY_ADDRESS` as `ray job submit` sets it) or `local` (start one)."""
-    import ray
-
     if ray.is_initialized():
         return "reused"
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
@@ -106,16 +117,13 @@ def init_ray(cfg: Config) -> str:
 
 
 def build_actors(cfg: Config, model_path: str) -> list:
-    from actors.actor import remote_class
-    from actors.engine import Sampling
-
     r = cfg.rollout
     sampling = Sampling(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p,
                         max_new_tokens=r.max_new_tokens, seed=cfg.run.seed)
     actors = []
     for i in range(r.num_actors):
         build = functools.partial(build_engine, cfg=cfg, model_path=model_path)
-        concurrency = 1 if isinstance(r.engine, HFEngine) else r.max_inflight_per_actor
+        concurrency = 1 if isinstance(r.engine, HFEngineConfig) else r.max_inflight_per_actor
         actor_class = remote_class(generate_concurrency=concurrency)
         actors.append(actor_class.options(num_gpus=r.num_gpus_per_actor, max_restarts=r.max_restarts,
                                           name=f"generator-{i}", max_task_retries=0)
@@ -126,11 +134,13 @@ def build_actors(cfg: Config, model_path: str) -> list:
 def build_engine(*, cfg: Config, model_path: str):
     """Runs inside the actor's process: the engine the config names."""
     engine = cfg.rollout.engine
-    if isinstance(engine, HFEngine):
-        from actors.hf_engine import HFEngine as Engine
+    if isinstance(engine, HFEngineConfig):
+        from actors.hf_engine import (
+            HFEngine,  # imported in the actor's process: engines stay lazy
+        )
 
         device = "cuda" if cfg.rollout.num_gpus_per_actor > 0 else "cpu"
-        return Engine(model_path, data=cfg.data, num_threads=engine.num_threads, device=device,
+        return HFEngine(model_path, data=cfg.data, num_threads=engine.num_threads, device=device,
                       random_weights=getattr(cfg.model, "random_weights", False))
     from actors.vllm_engine import VLLMEngine
 
@@ -138,10 +148,6 @@ def build_engine(*, cfg: Config, model_path: str):
 
 
 def build_buffer(cfg: Config, *, initial_version: int):
-    import ray
-
-    from replay.buffer import ReplayBuffer
-
     b = cfg.buffer
     return ray.remote(num_cpus=0)(ReplayBuffer).options(name="replay-buffer").remote(
         max_staleness=b.max_staleness, groups_per_step=cfg.learner.prompts_per_step, max_groups=b.max_groups,
@@ -149,11 +155,6 @@ def build_buffer(cfg: Config, *, initial_version: int):
 
 
 def build_trainer(cfg: Config, wiring, run_dir: Path):
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from learner.worker import train_loop_per_worker
-
     lc = cfg.learner
     resources = {"CPU": lc.cpus_per_worker} | ({"GPU": 1} if lc.num_gpus_per_worker else {})
     return TorchTrainer(
@@ -167,8 +168,6 @@ def build_trainer(cfg: Config, wiring, run_dir: Path):
 
 
 def build_sinks(cfg: Config, run_dir: Path, *, resume: bool):
-    from perception_r1.tracking import ConsoleSink, FanOut, MlflowSink, RayMetricsSink
-
     mlflow_sink = MlflowSink(cfg, run_dir=run_dir, resume=resume)  # a bad URI fails here, at start
     console = ConsoleSink(every=1 if not cfg.tracking.progress_bar else max(1, cfg.run.num_steps // 10))
     return FanOut([mlflow_sink, RayMetricsSink(run_name=cfg.run.name), console]), mlflow_sink
@@ -194,8 +193,6 @@ def train(cfg: Config, *, resume: bool = False) -> RunResult:
 
 def _find_resume(run_dir: Path, *, resume: bool):
     """The checkpoint to resume from; refuses to start over silently on top of an earlier run's checkpoints."""
-    from perception_r1.checkpoints import load_latest
-
     root = run_dir / "checkpoints"
     existing = sorted(root.glob("step_*[0-9]")) if root.is_dir() else []
     if not resume:
@@ -213,14 +210,6 @@ def _find_resume(run_dir: Path, *, resume: bool):
 
 
 def _run(cfg: Config, *, model_path: str, prompts: list, run_dir: Path, restored) -> RunResult:
-    import ray
-    from ray.util.queue import Queue
-
-    from judge.service import start_judge
-    from learner.worker import LearnerWiring
-    from perception_r1.session import Session
-    from perception_r1.stream import PromptStream
-
     ckpt_path, state = restored if restored else (None, None)
     stream = PromptStream(prompts, shuffle_seed=cfg.data.shuffle_seed, state=state.stream if state else None)
     sinks, mlflow_sink = build_sinks(cfg, run_dir, resume=restored is not None)  # fail fast on a bad URI
@@ -231,8 +220,9 @@ def _run(cfg: Config, *, model_path: str, prompts: list, run_dir: Path, restored
     wiring = LearnerWiring(config=cfg.model_dump(mode="json"), model_path=model_path, buffer=buffer,
                            actors=actors, reports=reports, checkpoint_root=str((run_dir / "checkpoints").resolve()),
                            resume_from=str(ckpt_path) if ckpt_path else None,
-                           weight_transport="torch" if isinstance(cfg.rollout.engine, HFEngine) else "vllm")
-    session = Session(cfg, stream=stream, actors=actors, judge=judge, buffer=buffer, reports=reports, sinks=sinks,
+                           weight_transport="torch" if isinstance(cfg.rollout.engine, HFEngineConfig) else "vllm")
+    session = Session(cfg, stream=stream, generators=[RayGenerator(a) for a in actors], scorer=judge,
+                      buffer=RayBuffer(buffer), reports=RayReports(reports), sinks=sinks,
                       start_version=state.version if state else 0, buffered=state.buffered if state else [],
                       ledger=run_dir / "trained.jsonl")
     trainer = build_trainer(cfg, wiring, run_dir)
@@ -250,7 +240,7 @@ def _run(cfg: Config, *, model_path: str, prompts: list, run_dir: Path, restored
                      history=session.history)
 
 
-def _run_until_done(session, trainer) -> bool:
+def _run_until_done(session: Session, trainer: TorchTrainer) -> bool:
     """Learner in a thread (Ray Train's fit blocks), loops on asyncio; SIGINT/SIGTERM request a stop."""
     result: dict = {}
     fit = threading.Thread(target=lambda: result.update(out=_fit(trainer)), name="learner-fit", daemon=True)
@@ -282,9 +272,6 @@ def _fit(trainer):
 
 def _shutdown(connection: str) -> None:
     """Leave a cluster we joined or reused running (our own apps and actors are already gone)."""
-    import ray
-    from ray import serve
-
     if connection == "reused":
         return
     start = time.perf_counter()

@@ -1,24 +1,28 @@
 """The asynchronous dataflow of a training run, owned by the driver process (asyncio):
 
-     PromptStream ──next()──> dispatch loop ──generate.remote(prompts)──> generation actors (N)
+     PromptStream ──next()──> dispatch loop ──generate(prompts)──> Generators (N actors)
           ^                     │ waits on: buffer.reserve()  (staleness window + capacity)
           │ requeue(lost)       │           a free actor slot  (max_inflight_per_actor calls each)
           │                     v
-          │              RolloutGroup ──scorer.score()──> ScoredGroup ──ray.put──> buffer.put()
+          │              RolloutGroup ──scorer.score()──> ScoredGroup ──buffer.put()──> Buffer
           │                                  (judge app on Serve:                  │ bounded, FIFO,
           │                                   rules + judge LLM)                   │ staleness-checked
           │                                                                         v
-     report loop <── LearnerStepRecord (queue) <── learner (Ray Train workers) <── buffer.take(k)
-       reduces metrics once per step, fans out to sinks,    │ publish_version() after each update
-       completes checkpoints, resolves trained seqs         └─> unblocks buffer.reserve()
+     report loop <── LearnerReport (queue) <── learner (Ray Train workers) <── take(k)
+       (session.py) reduces metrics once per step, fans out   │ publish_version() after each update
+       to sinks, completes checkpoints, resolves trained seqs └─> unblocks buffer.reserve()
 
 Who unblocks whom: the learner's publish_version() opens the staleness window, its take() frees
 capacity; both wake reserve(), which wakes the dispatch loop. Generation never waits for learning
 beyond the window `max_staleness` allows; learning waits only for admissible groups.
-Nothing is lost silently: a failed generate call releases its reservations and requeues its
-prompts; a call the engine refuses (ValueError: a prompt over data.max_prompt_tokens, an image it
-cannot use) releases them and counts its prompts as skipped; a dropped or evicted group is counted;
-every seq ends trained, dropped, evicted, skipped or pending.
+Nothing is lost silently: a call whose actor died (GeneratorLost) releases its reservations and
+requeues its prompts; a call the engine refused (PromptsRefused: a prompt over
+data.max_prompt_tokens, an image it cannot use) or that failed otherwise releases them and counts its
+prompts as skipped (by kind); a dropped or evicted group is counted; every seq ends trained, dropped,
+evicted, skipped or pending.
+
+The loop talks only to the seams of `core/seams.py` (Ray handles come through perception_r1/adapters.py),
+so tests drive it with in-process fakes.
 """
 
 from __future__ import annotations
@@ -29,11 +33,9 @@ import logging
 from collections import Counter, deque
 from dataclasses import dataclass
 
-import ray
-
+from core.records import RolloutGroup
+from core.seams import Buffer, Generator, GeneratorLost, PromptsRefused, Scorer
 from perception_r1.stream import PromptStream
-from replay.buffer import entry_meta
-from replay.records import RolloutGroup
 
 log = logging.getLogger("perception_r1")
 
@@ -46,10 +48,12 @@ class DispatchSettings:
 
 
 class Orchestrator:
-    def __init__(self, *, stream: PromptStream, actors: list, scorer, buffer, settings: DispatchSettings) -> None:
-        self.stream, self.actors, self.scorer, self.buffer, self.settings = stream, actors, scorer, buffer, settings
-        self.slots = [asyncio.Semaphore(settings.max_inflight_per_actor) for _ in actors]
-        self.inflight = [0 for _ in actors]
+    def __init__(self, *, stream: PromptStream, generators: list[Generator], scorer: Scorer, buffer: Buffer,
+                 settings: DispatchSettings) -> None:
+        self.stream, self.generators, self.scorer, self.buffer = stream, generators, scorer, buffer
+        self.settings = settings
+        self.inflight = [0 for _ in generators]
+        self.slot_freed = asyncio.Condition()
         self.counters: Counter[str] = Counter()
         self.tasks: set[asyncio.Task] = set()
         self.stopping = asyncio.Event()
@@ -60,11 +64,11 @@ class Orchestrator:
         """Dispatch until stop() or the buffer closes; in-flight work is left to finish or be cancelled."""
         m = self.settings.prompts_per_call
         while not self.stopping.is_set():
-            if not await self.buffer.reserve.remote(m):
+            if not await self.buffer.reserve(m):
                 break  # closed
-            actor = await self._free_actor()
+            idx = await self._free_actor()
             batch = [self.stream.next() for _ in range(m)]
-            self._spawn(self._generate(actor, batch))
+            self._spawn(self._generate(idx, batch))
 
     def stop(self) -> None:
         self.stopping.set()
@@ -81,38 +85,48 @@ class Orchestrator:
         await asyncio.gather(*pending, return_exceptions=True)
 
     async def _free_actor(self) -> int:
-        while True:
-            idx = min(range(len(self.actors)), key=lambda i: self.inflight[i])
-            if not self.slots[idx].locked():
-                await self.slots[idx].acquire()
-                self.inflight[idx] += 1
-                return idx
-            await asyncio.sleep(0.005)
+        """The least-busy actor with a free call slot (waits for one)."""
+        limit = self.settings.max_inflight_per_actor
+        async with self.slot_freed:
+            await self.slot_freed.wait_for(lambda: min(self.inflight) < limit)
+            idx = min(range(len(self.generators)), key=lambda i: self.inflight[i])
+            self.inflight[idx] += 1
+            return idx
 
     async def _generate(self, idx: int, batch: list) -> None:
         seqs = [seq for seq, _ in batch]
         try:
-            groups = await self.actors[idx].generate.remote([p for _, p in batch])
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-            self.counters["lost_in_flight"] += len(batch)
-            log.warning("generation actor %d failed with %d prompts in flight (%s); requeued them", idx,
-                        len(batch), type(e).__name__)
-            self.stream.requeue(seqs)
-            await self.buffer.release.remote(len(batch))
+            groups = await self.generators[idx].generate([p for _, p in batch])
+        except GeneratorLost as e:
+            await self._lost(idx, seqs, e)
             return
-        except ray.exceptions.RayTaskError as e:
-            if not isinstance(e, ValueError):  # Ray keeps the cause's type; ValueError: the engine refused a prompt
-                raise
-            self.counters["skipped_prompts"] += len(batch)
-            log.warning("generation actor %d refused a call of %d prompts (%s); skipped them", idx, len(batch), e.cause)
-            self.stream.resolve(seqs)  # never retried: the same prompt would fail the same way
-            await self.buffer.release.remote(len(batch))
+        except Exception as e:  # noqa: BLE001 -- refused or failed: counted by kind, never retried
+            await self._skipped(idx, seqs, e)
             return
         finally:
-            self.inflight[idx] -= 1
-            self.slots[idx].release()
+            async with self.slot_freed:
+                self.inflight[idx] -= 1
+                self.slot_freed.notify_all()
         for seq, group in zip(seqs, groups):
             self._spawn(self._score_and_put(dataclasses.replace(group, seq=seq)))
+
+    async def _lost(self, idx: int, seqs: list[int], error: GeneratorLost) -> None:
+        """The actor died mid-call: its prompts go back to the stream (Ray restarts the actor)."""
+        self.counters["lost_in_flight"] += len(seqs)
+        log.warning("generation actor %d failed with %d prompts in flight (%s); requeued them", idx, len(seqs), error)
+        self.stream.requeue(seqs)
+        await self.buffer.release(len(seqs))
+
+    async def _skipped(self, idx: int, seqs: list[int], error: Exception) -> None:
+        """The call was refused or failed: the same prompts would fail the same way, so they are skipped."""
+        self.counters["skipped_prompts"] += len(seqs)
+        if not isinstance(error, PromptsRefused):
+            self.counters[f"generate_errors/{type(error).__name__}"] += 1
+        log.warning("generation actor %d %s a call of %d prompts (%s: %s); skipped them", idx,
+                    "refused" if isinstance(error, PromptsRefused) else "failed", len(seqs),
+                    type(error).__name__, error)
+        self.stream.resolve(seqs)
+        await self.buffer.release(len(seqs))
 
     async def _score_and_put(self, group: RolloutGroup) -> None:
         try:
@@ -122,16 +136,15 @@ class Orchestrator:
             log.warning("scoring group of prompt %s failed (%s: %s); requeued it", group.prompt.id,
                         type(e).__name__, e)
             self.stream.requeue([group.seq])
-            await self.buffer.release.remote(1)
+            await self.buffer.release(1)
             return
         if self.settings.drop_uniform_groups and len(set(scored.totals().tolist())) == 1:
             self.counters["dropped_uniform"] += 1
             self.stream.resolve([group.seq])
-            await self.buffer.release.remote(1)
+            await self.buffer.release(1)
             return
         self.recent.append(scored)
-        admitted = await self.buffer.put.remote([ray.put(scored)], entry_meta(scored))
-        if not admitted:
+        if not await self.buffer.put(scored):
             self.counters["evicted_at_put"] += 1
             self.stream.resolve([group.seq])
 

@@ -1,45 +1,55 @@
 """One training session in the driver: runs the dispatch loop (perception_r1/orchestrator.py) and the
-report loop, which turns each LearnerStepRecord into one row of metrics for every sink, keeps the
+report loop, which turns each learner report into one row of metrics for every sink, keeps the
 prompt-stream ledger, completes checkpoints, and shows progress. Stops at the step budget, when
 the learner ends, or on request (Ctrl-C / SIGTERM: the buffer closes, the learner checkpoints).
+
+Like the orchestrator it talks only to the seams of `core/seams.py`, so tests drive it with fakes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
-import ray
-from ray.util.queue import Empty
-
-from perception_r1 import checkpoints
-from perception_r1.config import Config
+from core.config import Config
+from core.records import (
+    JudgeStats,
+    LearnerFinished,
+    LearnerReport,
+    LearnerStarted,
+    LearnerStep,
+    ScoredGroup,
+)
+from core.seams import Buffer, Generator, MetricsSink, ReportSource, Scorer
+from perception_r1 import run_checkpoints
 from perception_r1.orchestrator import DispatchSettings, Orchestrator
+from perception_r1.step_metrics import buffer_metrics, generation_metrics, judge_metrics
 from perception_r1.stream import PromptStream
-from replay.buffer import entry_meta, stats_dict
-from replay.metrics import generation_metrics, judge_metrics
-from replay.records import JudgeStats, LearnerStepRecord, ScoredGroup
 
 log = logging.getLogger("perception_r1")
 
 
 class Session:
-    def __init__(self, cfg: Config, *, stream: PromptStream, actors: list, judge, buffer, reports, sinks,
-                 start_version: int, buffered: list[ScoredGroup], ledger: Path) -> None:
-        self.cfg, self.stream, self.actors, self.judge, self.buffer = cfg, stream, actors, judge, buffer
-        self.ledger = ledger
-        self.session_id = f"{os.getpid()}-{int(time.time())}"
-        """`trained.jsonl`: one line per learner step, the stream positions and prompt ids it trained (audit, resume checks)."""
+    def __init__(self, cfg: Config, *, stream: PromptStream, generators: list[Generator], scorer: Scorer,
+                 buffer: Buffer, reports: ReportSource, sinks: MetricsSink, start_version: int,
+                 buffered: list[ScoredGroup], ledger: Path) -> None:
+        self.cfg, self.stream, self.generators, self.scorer, self.buffer = cfg, stream, generators, scorer, buffer
         self.reports, self.sinks, self.version, self.buffered = reports, sinks, start_version, buffered
+        self.ledger = ledger
+        """`trained.jsonl`: one line per learner step, the stream positions and prompt ids it trained (audit, resume checks)."""
+        self.session_id = f"{os.getpid()}-{int(time.time())}"
         settings = DispatchSettings(prompts_per_call=cfg.rollout.prompts_per_call,
                                     max_inflight_per_actor=cfg.rollout.max_inflight_per_actor,
-                                    drop_uniform_groups=cfg.learner.loss.drop_uniform_groups)
-        self.orchestrator = Orchestrator(stream=stream, actors=actors, scorer=judge, buffer=buffer, settings=settings)
+                                    drop_uniform_groups=cfg.buffer.drop_uniform_groups)
+        self.orchestrator = Orchestrator(stream=stream, generators=generators, scorer=scorer, buffer=buffer,
+                                         settings=settings)
         self.stop_requested = False
         self.steps_logged = 0
         self.learner_starts = 0
@@ -57,17 +67,17 @@ class Session:
     def counters(self) -> Counter[str]:
         return self.orchestrator.counters
 
-    async def run(self, *, learner_alive) -> None:
+    async def run(self, *, learner_alive: Callable[[], bool]) -> None:
         await self._readmit()
         dispatch = asyncio.get_running_loop().create_task(self.orchestrator.run())
         try:
             await self._report_loop(learner_alive)
         finally:
             self.orchestrator.stop()
-            histogram = (await self.buffer.stats.remote()).taken_staleness
-            self.sinks.call("log_dict", {str(k): v for k, v in sorted(histogram.items())},
-                            artifact_file="staleness_histogram.json")
-            await self.buffer.close.remote()
+            histogram = (await self.buffer.stats()).taken_staleness
+            self.sinks.log_dict({str(k): v for k, v in sorted(histogram.items())},
+                                artifact_file="staleness_histogram.json")
+            await self.buffer.close()
             dispatch.cancel()
             (outcome,) = await asyncio.gather(dispatch, return_exceptions=True)
             if isinstance(outcome, Exception):
@@ -79,57 +89,60 @@ class Session:
     async def _readmit(self) -> None:
         """Groups that waited in the buffer at the checkpoint go back in first (still fresh ones only)."""
         for scored in self.buffered:
-            await self.buffer.reserve.remote(1)
-            if await self.buffer.put.remote([ray.put(scored)], entry_meta(scored)):
+            await self.buffer.reserve(1)
+            if await self.buffer.put(scored):
                 self.stream.claim(scored.group.seq)
         self.buffered = []
 
-    async def _report_loop(self, learner_alive) -> None:
+    async def _report_loop(self, learner_alive: Callable[[], bool]) -> None:
         closing = False
         while True:
             if self.stop_requested and not closing:
                 closing = True
-                await self.buffer.close.remote()
-            try:
-                record: LearnerStepRecord = await self.reports.get_async(block=True, timeout=0.5)
-            except Empty:
-                if not learner_alive() and self.reports.empty():
+                await self.buffer.close()
+            report = await self.reports.get(timeout_s=0.5)
+            if report is None:
+                if not learner_alive() and await self.reports.empty():
                     return
                 continue
-            await self._on_record(record)
+            await self._on_report(report)
 
-    async def _on_record(self, record: LearnerStepRecord) -> None:
-        if "learner/started" in record.metrics:
-            await self._on_learner_start(record.version)
+    async def _on_report(self, report: LearnerReport) -> None:
+        if isinstance(report, LearnerStarted):
+            await self._on_learner_start(report.version)
             return
-        if record.seqs:
-            self._append_ledger(record)
-        self.stream.resolve(record.seqs)
-        self.stream.resolve(await self.buffer.pop_evicted_seqs.remote())
-        if "learner/final" not in record.metrics:
-            self.version = record.version
-            metrics = await self._step_metrics(record)
-            self.sinks.log_metrics(record.step, metrics)
-            self.history.append((time.perf_counter(), metrics))
-            self.steps_logged += 1
-            every = self.cfg.tracking.log_rollouts_every
-            if every and record.step % every == 0 and self.orchestrator.recent:
-                table = rollout_table(self.orchestrator.recent[-1])
-                self.sinks.call("log_table", table, artifact_file=f"rollouts/step_{record.step:06d}.json")
-            if self.progress is not None:
-                self.progress.update(1)
-                self.progress.set_postfix(reward=f"{metrics.get('reward/total', 0):.3f}",
-                                          samples_s=f"{metrics.get('throughput/samples_per_s', 0):.2f}")
-        if record.checkpoint_path:
-            await self._complete_checkpoint(Path(record.checkpoint_path), version=record.version)
+        self.stream.resolve(await self.buffer.pop_evicted_seqs())
+        if isinstance(report, LearnerStep):
+            await self._on_step(report)
+        else:
+            assert isinstance(report, LearnerFinished), type(report)
+        if report.checkpoint_path:
+            await self._complete_checkpoint(Path(report.checkpoint_path), version=report.version)
+
+    async def _on_step(self, report: LearnerStep) -> None:
+        self._append_ledger(report)
+        self.stream.resolve(report.seqs)
+        self.version = report.version
+        metrics = await self._step_metrics(report)
+        self.sinks.log_metrics(report.step, metrics)
+        self.history.append((time.perf_counter(), metrics))
+        self.steps_logged += 1
+        every = self.cfg.tracking.log_rollouts_every
+        if every and report.step % every == 0 and self.orchestrator.recent:
+            self.sinks.log_table(rollout_table(self.orchestrator.recent[-1]),
+                                 artifact_file=f"rollouts/step_{report.step:06d}.json")
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(reward=f"{metrics.get('reward/total', 0):.3f}",
+                                      samples_s=f"{metrics.get('throughput/samples_per_s', 0):.2f}")
 
     async def _on_learner_start(self, version: int) -> None:
-        """The learner's first record after each (re)start. The queue is FIFO, so every record of a dead
+        """The learner's first report after each (re)start. The queue is FIFO, so every report of a dead
         learner is in the ledger by now: of the batch it had taken, the seqs not trained go back to the stream."""
         self.learner_starts += 1
         if self.learner_starts == 1:
             return
-        lost = [seq for seq in await self.buffer.pop_lost_seqs.remote() if seq in self.stream.outstanding]
+        lost = [seq for seq in await self.buffer.pop_lost_seqs() if seq in self.stream.outstanding]
         self.stream.requeue(lost)
         self.counters()["learner_restarts"] += 1
         self.counters()["lost_with_learner"] += len(lost)
@@ -137,23 +150,21 @@ class Session:
                     "taken but not trained were requeued", version, self.version, len(lost))
         self.version = version
 
-    def _append_ledger(self, record: LearnerStepRecord) -> None:
-        line = {"session": self.session_id, "step": record.step, "version": record.version, "seqs": list(record.seqs),
-                "prompt_ids": [self.stream.prompt_at(seq).id for seq in record.seqs]}
+    def _append_ledger(self, report: LearnerStep) -> None:
+        line = {"session": self.session_id, "step": report.step, "version": report.version, "seqs": list(report.seqs),
+                "prompt_ids": [self.stream.prompt_at(seq).id for seq in report.seqs]}
         with open(self.ledger, "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
 
-    async def _step_metrics(self, record: LearnerStepRecord) -> dict[str, float]:
+    async def _step_metrics(self, report: LearnerStep) -> dict[str, float]:
         now = time.perf_counter()
         wall, self.window_start = now - self.window_start, now
-        gen = await asyncio.gather(*[a.stats.remote() for a in self.actors], return_exceptions=True)
-        gen = [g for g in gen if not isinstance(g, BaseException)]
-        judge_now = await self.judge.stats()
-        buffer_stats = await self.buffer.stats.remote()
-        metrics = dict(record.metrics)
-        metrics.update(generation_metrics(gen, wall_seconds=wall))
+        gen = await asyncio.gather(*[g.stats() for g in self.generators], return_exceptions=True)
+        judge_now = await self.scorer.stats()
+        metrics = dict(report.metrics)
+        metrics.update(generation_metrics([g for g in gen if not isinstance(g, BaseException)], wall_seconds=wall))
         metrics.update(judge_metrics(judge_now, self.judge_before))
-        metrics.update(stats_dict(buffer_stats))
+        metrics.update(buffer_metrics(await self.buffer.stats()))
         metrics.update({f"driver/{k}": float(v) for k, v in self.orchestrator.counters.items()})
         n = self.cfg.learner.prompts_per_step * self.cfg.rollout.samples_per_prompt
         metrics["throughput/samples_per_s"] = n / max(wall, 1e-9)
@@ -162,11 +173,10 @@ class Session:
         return metrics
 
     async def _complete_checkpoint(self, tmp: Path, *, version: int) -> None:
-        entries = await self.buffer.buffered_refs.remote()
-        buffered = await asyncio.gather(*[refs[0] for refs, _ in entries])
-        state = checkpoints.DriverState(version=version, stream=self.stream.state(), buffered=list(buffered))
-        final = checkpoints.complete(tmp, state, keep=self.cfg.checkpoint.keep)
-        self.sinks.call("log_checkpoint", str(final), version=version)
+        buffered = await self.buffer.buffered()
+        state = run_checkpoints.DriverState(version=version, stream=self.stream.state(), buffered=buffered)
+        final = run_checkpoints.complete(tmp, state, keep=self.cfg.checkpoint.keep)
+        self.sinks.log_checkpoint(str(final), version=version)
         log.info("checkpoint %s complete (version %d, %d buffered groups)", final, version, len(buffered))
 
 
@@ -181,7 +191,6 @@ def _progress(cfg: Config, start: int):
 def rollout_table(scored: ScoredGroup) -> dict[str, list]:
     """One group's rollouts as an mlflow table: the image, the response, each reward and the verdicts."""
     from PIL import Image
-    import io
 
     group = scored.group
     image = Image.open(io.BytesIO(group.prompt.image)).convert("RGB")

@@ -12,7 +12,7 @@ import heapq
 import random
 from dataclasses import dataclass, field
 
-from replay.records import Prompt
+from core.records import Prompt
 
 
 @dataclass

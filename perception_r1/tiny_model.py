@@ -1,7 +1,7 @@
 """The tiny-model kit: a tiny random Qwen2.5-VL built offline, once, and cached on disk.
 
 `build_tiny_model(cfg)` returns a folder that loads exactly like a real model folder
-(`AutoModelForImageTextToText.from_pretrained(path)`, `perception_r1.vl.load_processor(path)`):
+(`AutoModelForImageTextToText.from_pretrained(path)`, `core.vl.load_processor(path)`):
 - a `Qwen2_5_VLForConditionalGeneration` with random weights (seeded) from a tiny config;
 - a byte-level BPE tokenizer trained on the spot on synthetic geometry text, with Qwen's special
   tokens, Qwen's chat template and digits split one per token like Qwen's; whole words and the
@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from perception_r1.config import FORMAT_PROMPT, TinyModel
+from core.config import FORMAT_PROMPT, TinyModelConfig
 
 BUILDER_VERSION = 1
 """Bump when the builder's output changes, so cached folders built by older code are not reused."""
@@ -61,7 +61,7 @@ CHAT_TEMPLATE = (
 """Qwen2.5-VL-Instruct's chat template (default system turn `You are a helpful assistant.`)."""
 
 
-def build_tiny_model(cfg: TinyModel) -> Path:
+def build_tiny_model(cfg: TinyModelConfig) -> Path:
     """The folder of the tiny model for `cfg`, building it first if no finished build exists."""
     digest = config_hash(cfg)
     target = Path(cfg.cache_dir) / f"tiny-qwen2_5_vl-{digest[:16]}"
@@ -89,18 +89,20 @@ def _make_readable(folder: Path) -> None:
         path.chmod(0o644)
 
 
-def config_hash(cfg: TinyModel) -> str:
+def config_hash(cfg: TinyModelConfig) -> str:
     """sha256 of everything that determines the build (the cache folder is not part of it)."""
     spec = {"builder": BUILDER_VERSION, **cfg.model_dump(exclude={"cache_dir"})}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def _build_into(folder: Path, cfg: TinyModel) -> None:
+def _build_into(folder: Path, cfg: TinyModelConfig) -> None:
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
-    from perception_r1.vl import CpuQwen2_5_VLProcessor
+    from core.vl import CpuQwen2_5_VLProcessor
 
     tokenizer = _train_tokenizer(cfg.vocab_size)
     image_processor = Qwen2VLImageProcessorPil(patch_size=PATCH_SIZE, merge_size=MERGE_SIZE,
@@ -138,7 +140,7 @@ def _train_tokenizer(vocab_size: int):
                                    model_max_length=32768)
 
 
-def model_config(cfg: TinyModel, tokenizer):
+def model_config(cfg: TinyModelConfig, tokenizer):
     """A Qwen2.5-VL config of the tiny sizes: head_dim 32 (16 when hidden is not a multiple of 32)."""
     from transformers import Qwen2_5_VLConfig
 

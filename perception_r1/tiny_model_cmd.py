@@ -13,14 +13,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from perception_r1.config import TinyModel, load_config
+    from core.config import TinyModelConfig
+    from core.config_files import load_config
 
-    cfg = load_config(args.config).model if args.config else TinyModel()
-    if not isinstance(cfg, TinyModel):
+    cfg = load_config(args.config).model if args.config else TinyModelConfig()
+    if not isinstance(cfg, TinyModelConfig):
         raise ValueError(f"{args.config}: model.type is {cfg.type!r}; build-tiny-model needs `model: {{type: tiny}}`")
     if args.output_dir is not None:
         cfg = cfg.model_copy(update={"cache_dir": args.output_dir})
-    from perception_r1.tiny_model import build_tiny_model  # after parsing: torch and transformers load here
+    from perception_r1.tiny_model import (
+        build_tiny_model,  # after parsing: torch and transformers load here
+    )
 
     print(build_tiny_model(cfg))
     return 0

@@ -8,23 +8,48 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
-from perception_r1.config import Config, TrackingConfig, to_yaml
+from core.config import Config, TrackingConfig
+from core.config_files import to_yaml
+from core.seams import MetricsSink
 
 log = logging.getLogger("perception_r1")
 DEFAULT_MLFLOW_URI = "sqlite:///mlruns.db"
 
 
-class MetricsSink(Protocol):
-    def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
+class _NoArtifacts:
+    """The artifact methods of a sink that shows only metrics."""
 
-    def close(self, *, status: str) -> None: ...
+    def log_dict(self, data: dict, *, artifact_file: str) -> None:
+        pass
+
+    def log_table(self, table: dict[str, list], *, artifact_file: str) -> None:
+        pass
+
+    def log_checkpoint(self, path: str, *, version: int) -> None:
+        pass
+
+    def close(self, *, status: str) -> None:
+        pass
 
 
 def mlflow_uri(cfg: TrackingConfig) -> str:
     return cfg.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_MLFLOW_URI
+
+
+def use_experiment(tracking_uri: str, name: str) -> None:
+    """Point mlflow at the store and the experiment, creating it if new. A new experiment in a sqlite
+    store keeps its artifacts beside the database file (`<db folder>/mlruns`), not under whatever
+    folder the process happens to run in (mlflow's default)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    if tracking_uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
+        db = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
+        mlflow.create_experiment(name, artifact_location=(db.parent / "mlruns").as_uri())
+    mlflow.set_experiment(name)
 
 
 class MlflowSink:
@@ -34,8 +59,7 @@ class MlflowSink:
         import mlflow
 
         self.mlflow = mlflow
-        mlflow.set_tracking_uri(mlflow_uri(cfg.tracking))
-        mlflow.set_experiment(cfg.tracking.experiment)
+        use_experiment(mlflow_uri(cfg.tracking), cfg.tracking.experiment)
         id_file = run_dir / "mlflow_run_id"
         run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
         self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.run.name)
@@ -65,7 +89,7 @@ class MlflowSink:
         self.mlflow.end_run(status=status)
 
 
-class ConsoleSink:
+class ConsoleSink(_NoArtifacts):
     """A one-line summary every `every` steps (the progress bar shows the rest)."""
 
     KEYS = ("reward/total", "reward/accuracy", "reward/format", "reward/visual", "staleness/mean",
@@ -79,11 +103,8 @@ class ConsoleSink:
             parts = [f"{k.replace('reward/', '')}={metrics[k]:.3g}" for k in self.KEYS if k in metrics]
             self.write(f"step {step}: " + " ".join(parts))
 
-    def close(self, *, status: str) -> None:
-        pass
 
-
-class RayMetricsSink:
+class RayMetricsSink(_NoArtifacts):
     """The system's own metrics on the Ray dashboard (Prometheus at the node's metrics port) through
     `ray.util.metrics` gauges: `perception_r1_<name>`, per-actor series tagged `actor=<id>`."""
 
@@ -101,35 +122,39 @@ class RayMetricsSink:
                                                        tag_keys=("run", "actor"))
             gauge.set(float(value), tags={"run": self.run_name, "actor": actor})
 
-    def close(self, *, status: str) -> None:
-        pass
-
 
 class FanOut:
     """Sends every record to every sink; a failing sink is warned about and counted, not fatal."""
 
-    def __init__(self, sinks: list) -> None:
+    def __init__(self, sinks: list[MetricsSink]) -> None:
         self.sinks, self.failures = sinks, 0
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         for sink in self.sinks:
-            self._guard(sink, "log_metrics", step, metrics)
+            self._guard(sink, "log_metrics", lambda: sink.log_metrics(step, metrics))
 
-    def call(self, method: str, *args, **kwargs) -> None:
+    def log_dict(self, data: dict, *, artifact_file: str) -> None:
         for sink in self.sinks:
-            if hasattr(sink, method):
-                self._guard(sink, method, *args, **kwargs)
+            self._guard(sink, "log_dict", lambda: sink.log_dict(data, artifact_file=artifact_file))
+
+    def log_table(self, table: dict[str, list], *, artifact_file: str) -> None:
+        for sink in self.sinks:
+            self._guard(sink, "log_table", lambda: sink.log_table(table, artifact_file=artifact_file))
+
+    def log_checkpoint(self, path: str, *, version: int) -> None:
+        for sink in self.sinks:
+            self._guard(sink, "log_checkpoint", lambda: sink.log_checkpoint(path, version=version))
 
     def close(self, *, status: str) -> None:
         for sink in self.sinks:
-            self._guard(sink, "close", status=status)
+            self._guard(sink, "close", lambda: sink.close(status=status))
 
-    def _guard(self, sink, method: str, *args, **kwargs) -> None:
+    def _guard(self, sink: MetricsSink, what: str, call: Callable[[], None]) -> None:
         try:
-            getattr(sink, method)(*args, **kwargs)
+            call()
         except Exception as e:  # noqa: BLE001 -- a metrics sink must never stop training
             self.failures += 1
-            log.warning("metrics sink %s.%s failed (%d failures so far): %s", type(sink).__name__, method,
+            log.warning("metrics sink %s.%s failed (%d failures so far): %s", type(sink).__name__, what,
                         self.failures, e)
 
 

@@ -27,10 +27,11 @@ Rules it enforces:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from core.records import BufferStats, ScoredGroup
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,21 +49,6 @@ class EntryMeta:
 class _Entry:
     ref: Any
     meta: EntryMeta
-
-
-@dataclass(frozen=True, slots=True)
-class BufferStats:
-    depth: int
-    bytes: int
-    reserved: int
-    num_put: int
-    num_taken: int
-    num_evicted: int
-    num_released: int
-    learner_version: int
-    synced_version: int
-    taken_staleness: dict[int, int] = field(default_factory=dict)
-    """Histogram {staleness: groups} of every group taken so far."""
 
 
 class BufferCore:
@@ -260,15 +246,9 @@ class ReplayBuffer:
         return [([e.ref], e.meta) for e in self.core.entries]
 
 
-def entry_meta(scored: Any) -> EntryMeta:
+def entry_meta(scored: ScoredGroup) -> EntryMeta:
     """Metadata of a ScoredGroup, with its size estimated from its arrays, image and texts."""
     group = scored.group
     nbytes = len(group.prompt.image) + group.prompt_token_ids.nbytes
     nbytes += sum(r.token_ids.nbytes + r.logprobs.nbytes + len(r.text) for r in group.rollouts)
     return EntryMeta(prompt_id=group.prompt.id, seq=group.seq, policy_version=group.policy_version, nbytes=nbytes)
-
-
-def stats_dict(stats: BufferStats) -> dict[str, float]:
-    flat = dataclasses.asdict(stats)
-    flat.pop("taken_staleness")
-    return {f"buffer/{k}": float(v) for k, v in flat.items()}

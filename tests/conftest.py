@@ -12,10 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
     """The default tiny Qwen2.5-VL, built once per test session (a Path)."""
-    from perception_r1.config import TinyModel
+    from core.config import TinyModelConfig
     from perception_r1.tiny_model import build_tiny_model
 
-    return build_tiny_model(TinyModel(cache_dir=str(tmp_path_factory.getbasetemp() / "tiny-model-cache")))
+    return build_tiny_model(TinyModelConfig(cache_dir=str(tmp_path_factory.getbasetemp() / "tiny-model-cache")))
 
 
 @pytest.fixture(scope="session")

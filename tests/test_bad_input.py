@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from perception_r1.config import DataConfig, load_config, parse_config
+from core.config import DataConfig
+from core.config_files import load_config, parse_config
 
 GOOD_CONFIG = "run: {num_steps: 3}\ncluster: {num_cpus: 1, num_gpus: 0}\n"
 SECRET = "sk-live-0123456789abcdef"
@@ -45,7 +46,7 @@ class Ctx:
         return path
 
     def processor(self):
-        from perception_r1.vl import load_processor
+        from core.vl import load_processor
 
         return load_processor(self.request.getfixturevalue("tiny_model_path"))
 
@@ -144,7 +145,7 @@ def load(path: Path, *, on_bad_row: str = "skip") -> dict:
 
 def image(data: bytes) -> Callable[[Ctx], Any]:
     def drive(ctx: Ctx):
-        from perception_r1.vl import prepare_image
+        from core.vl import prepare_image
 
         return prepare_image(data, min_pixels=3136, max_pixels=1806336, source="prompt geo-7")
 
@@ -153,8 +154,8 @@ def image(data: bytes) -> Callable[[Ctx], Any]:
 
 def prompt(problem: str, *, max_prompt_tokens: int = 4096) -> Callable[[Ctx], Any]:
     def drive(ctx: Ctx):
-        from perception_r1.vl import encode_prompt
-        from replay.records import Prompt
+        from core.records import Prompt
+        from core.vl import encode_prompt
 
         p = Prompt(id="geo-7", index=0, problem=problem, answer="3", image=png(64, 64))
         return encode_prompt(ctx.processor(), p, data=DataConfig(max_prompt_tokens=max_prompt_tokens))
@@ -166,8 +167,8 @@ def model_folder(files: dict[str, str] | None, *, check: str = "resolve") -> Cal
     """A model folder with these files (None: no folder at all), given to the driver or the processor loader."""
 
     def drive(ctx: Ctx):
+        from core.vl import load_processor
         from perception_r1.driver import resolve_model
-        from perception_r1.vl import load_processor
 
         folder = ctx.tmp / "model"
         if files is not None:
@@ -186,7 +187,7 @@ def checkpoints(*folders: str) -> Callable[[Ctx], Any]:
     `no_learner` lacks the learner's part. Returns which one a resume picks and how many it skipped."""
 
     def drive(ctx: Ctx) -> dict:
-        from perception_r1.checkpoints import DriverState, complete, load_latest
+        from perception_r1.run_checkpoints import DriverState, complete, load_latest
         from perception_r1.stream import StreamState
 
         root = ctx.tmp / "checkpoints"
@@ -210,7 +211,7 @@ def checkpoints(*folders: str) -> Callable[[Ctx], Any]:
 
 
 def judge_request_of_row_without_annotations(ctx: Ctx):
-    """Such a row loads (its prompt gets r_v = 0, spec §3.3); the judge's request builder refuses it."""
+    """Such a row loads (its prompt gets r_v = 0, docs/method.md §3.3); the judge's request builder refuses it."""
     from dataprep.loaders import read_prompts
     from judge.verdicts import judge_messages
 
@@ -297,7 +298,7 @@ CASES = [
     Case("dataset-not-parquet", lambda ctx: load(ctx.write("rows.parquet", b"PAR1 but not really")),
          says=("rows.parquet: not a readable parquet file", "re-export it")),
     Case("dataset-missing-column", lambda ctx: load(_write_parquet(ctx, [{"problem": "<image>x", "images": [png()]}])),
-         says=("missing columns ['answer']", "see spec")),
+         says=("missing columns ['answer']", "see docs/method.md §5")),
     Case("dataset-all-rows-bad", lambda ctx: load(ctx.write("rows.jsonl", b"[1]\n{]\n")),
          says=("rows.jsonl: no usable rows (2 skipped: {'invalid_json': 2})",)),
     Case("dataset-duplicate-id", jsonl({"id": "good-0", "problem": "<image>y", "answer": "1"}),
@@ -392,15 +393,15 @@ class _Remote:
 
 
 class _FakeBuffer:
-    """Reservations as the replay buffer counts them: `capacity` at most; closes after `num_calls` reservations."""
+    """Reservations as the replay buffer counts them (the driver's `core.seams.Buffer`): `capacity` at most;
+    closes after `num_calls` reservations."""
 
     def __init__(self, *, capacity: int, num_calls: int) -> None:
         self.capacity, self.num_calls = capacity, num_calls
         self.reserved = self.num_reserved = 0
         self.stalled = False
-        self.reserve, self.release = _Remote(self._reserve), _Remote(self._release)
 
-    def _reserve(self, n: int) -> bool:
+    async def reserve(self, n: int) -> bool:
         if self.reserved + n > self.capacity:
             self.stalled = True  # the real buffer would block here forever
         if self.stalled or self.num_reserved == self.num_calls:
@@ -409,20 +410,22 @@ class _FakeBuffer:
         self.num_reserved += 1
         return True
 
-    def _release(self, n: int) -> None:
+    async def release(self, n: int) -> None:
         self.reserved -= n
 
 
 def test_prompt_over_max_tokens_is_a_counted_skip_not_a_stall():
     """The engine's PromptTooLong reaches the dispatch loop as Ray delivers it (a RayTaskError that is also
-    the cause's type); the call's prompts are counted as skipped, resolved (not retried), and their buffer
-    reservations released -- 30 refused calls through a buffer that holds 8 must not stall dispatch."""
+    the cause's type), through the driver's adapter (PromptsRefused); the call's prompts are counted as
+    skipped, resolved (not retried), and their buffer reservations released -- 30 refused calls through a
+    buffer that holds 8 must not stall dispatch."""
     import ray
 
+    from core.records import Prompt
+    from core.vl import PromptTooLong
+    from perception_r1.adapters import RayGenerator
     from perception_r1.orchestrator import DispatchSettings, Orchestrator
     from perception_r1.stream import PromptStream
-    from perception_r1.vl import PromptTooLong
-    from replay.records import Prompt
 
     refused = []
 
@@ -431,13 +434,14 @@ def test_prompt_over_max_tokens_is_a_counted_skip_not_a_stall():
         cause = PromptTooLong(f"prompt {prompts[0].id} has 5000 tokens, over data.max_prompt_tokens=4096")
         raise ray.exceptions.RayTaskError("generate", "traceback", cause).as_instanceof_cause()
 
-    actor = type("Actor", (), {})()
-    actor.generate = _Remote(generate)
+    handle = type("Handle", (), {})()
+    handle.generate = _Remote(generate)
     prompts = [Prompt(id=f"p{i}", index=i, problem="<image>x", answer="1", image=b"") for i in range(100)]
     buffer = _FakeBuffer(capacity=8, num_calls=30)
-    orchestrator = Orchestrator(stream=PromptStream(prompts, shuffle_seed=None), actors=[actor], scorer=None,
-                                buffer=buffer, settings=DispatchSettings(prompts_per_call=1, max_inflight_per_actor=2,
-                                                                          drop_uniform_groups=False))
+    orchestrator = Orchestrator(stream=PromptStream(prompts, shuffle_seed=None), generators=[RayGenerator(handle)],
+                                scorer=None, buffer=buffer,
+                                settings=DispatchSettings(prompts_per_call=1, max_inflight_per_actor=2,
+                                                          drop_uniform_groups=False))
 
     async def run():
         await asyncio.wait_for(orchestrator.run(), timeout=30)
@@ -447,4 +451,3 @@ def test_prompt_over_max_tokens_is_a_counted_skip_not_a_stall():
     assert not buffer.stalled and buffer.num_reserved == 30 and buffer.reserved == 0
     assert orchestrator.counters == {"skipped_prompts": 30}
     assert refused == [f"p{i}" for i in range(30)]  # each prompt once: a refused prompt is not retried
-    assert orchestrator.stream.outstanding == set() and orchestrator.stream.replay == []

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from perception_r1.config import Config, load_config, parse_config
+from core.config import Config
+from core.config_files import load_config, parse_config
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
 

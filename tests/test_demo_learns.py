@@ -26,7 +26,7 @@ def window_rise(history: list[dict[str, float]], key: str) -> float:
 
 
 def test_the_demo_reward_rises_over_grpo_steps(tmp_path):
-    from perception_r1.config import load_config
+    from core.config_files import load_config
     from perception_r1.driver import train
 
     cfg = load_config(REPO / "configs" / "demo-cpu.yaml", [

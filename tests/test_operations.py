@@ -53,7 +53,7 @@ def fake_checkpoint(root: Path, version: int) -> Path:
 
 @pytest.mark.reliability(fault="newest checkpoint corrupt or half-written", outcome="resume falls back to the previous complete one, with a warning")
 def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
-    from perception_r1.checkpoints import load_latest
+    from perception_r1.run_checkpoints import load_latest
 
     fake_checkpoint(tmp_path, 2)
     newest = fake_checkpoint(tmp_path, 4)
@@ -109,7 +109,7 @@ def test_sigkill_then_resume_continues_exactly(tmp_path):
 # ------------------------------------------------------------------------------------- ray job submit
 @pytest.mark.slow
 def test_ray_job_submit_against_a_running_head(tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
     dash = free_port()
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
@@ -185,7 +185,7 @@ def wait_for_jobs_api(address: str):
 def test_system_metrics_on_the_ray_metrics_endpoint(tmp_path, monkeypatch):
     import ray
 
-    from perception_r1.config import load_config
+    from core.config_files import load_config
     from perception_r1.driver import train
 
     monkeypatch.chdir(tmp_path)
@@ -231,7 +231,7 @@ def test_sigterm_checkpoints_and_stops_cleanly(tmp_path):
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 130, out[-3000:]
     steps = len((run_dir / "trained.jsonl").read_text().splitlines())
-    from perception_r1.checkpoints import load_latest
+    from perception_r1.run_checkpoints import load_latest
 
     path, state = load_latest(run_dir / "checkpoints")
     assert state.version == steps and path.name == f"step_{steps:06d}"

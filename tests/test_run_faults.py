@@ -67,7 +67,7 @@ def ray_local(monkeypatch, tmp_path):
 
 @pytest.mark.reliability(fault="generation actor SIGKILLed mid-run", outcome="Ray restarts it, it rejoins the weight group; its in-flight prompts are requeued (counted); the run finishes; no prompt trained twice")
 def test_killed_generation_actor_is_restarted_and_the_run_goes_on(ray_local, tmp_path):
-    from perception_r1.config import load_config
+    from core.config_files import load_config
 
     cfg = load_config(REPO / "configs" / "demo-cpu.yaml",
                       small(tmp_path, "run.num_steps=10", "rollout.num_actors=2", "rollout.max_restarts=2"))
@@ -88,7 +88,7 @@ def test_killed_generation_actor_is_restarted_and_the_run_goes_on(ray_local, tmp
 
 @pytest.mark.reliability(fault="learner worker SIGKILLed mid-run", outcome="Ray Train restarts it from the newest checkpoint (updates after it are lost with the worker), actors rejoin its broadcast group, the buffer rewinds, the batch it had taken but not trained is requeued (counted); the run finishes; no group trained twice")
 def test_killed_learner_worker_restarts_from_the_newest_checkpoint(ray_local, tmp_path):
-    from perception_r1.config import load_config
+    from core.config_files import load_config
 
     cfg = load_config(REPO / "configs" / "demo-cpu.yaml",
                       small(tmp_path, "run.num_steps=40", "checkpoint.every_steps=2", "learner.max_restarts=1"))
@@ -165,7 +165,7 @@ def mlflow_history(tmp_path: Path, run_dir: Path, key: str) -> list[float]:
 
 @pytest.mark.reliability(fault="judge endpoint returns 5xx, then refuses connections, then comes back", outcome="fallback rewards, counted; the circuit breaker opens and closes; training continues and recovers")
 def test_judge_down_erroring_and_back_training_continues(ray_local, tmp_path, monkeypatch):
-    from perception_r1.config import load_config
+    from core.config_files import load_config
 
     monkeypatch.setenv("FAULT_TEST_JUDGE_KEY", "k")
     judge = fake_judge()
@@ -194,7 +194,7 @@ def test_judge_down_erroring_and_back_training_continues(ray_local, tmp_path, mo
 def test_slow_judge_is_back_pressure_not_a_stall(ray_local, tmp_path, monkeypatch):
     """A judge ~10x slower than generation: in-flight scoring holds the reservation window, so the
     actors pause; nothing is dropped, staleness stays within its bound, the run finishes."""
-    from perception_r1.config import load_config
+    from core.config_files import load_config
 
     monkeypatch.setenv("FAULT_TEST_JUDGE_KEY", "k")
     judge = fake_judge()

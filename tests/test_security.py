@@ -110,7 +110,7 @@ torch.load(p, weights_only=True); np.load(p); Allow(f).load()
 
 def test_no_unsafe_deserialisation_outside_tests():
     files = source_files()
-    assert len(files) > 50 and REPO / "learner" / "checkpoint.py" in files
+    assert len(files) > 50 and REPO / "learner" / "sharded_state.py" in files
     offenders = [f"{p.relative_to(REPO)}:{line}: {what}" for p in files
                  for line, what in unsafe_loads(p.read_text(encoding="utf-8"))]
     assert offenders == []
@@ -140,7 +140,7 @@ def test_learner_checkpoint_loads_only_plain_data(tmp_path):
     """A checkpoint this trainer wrote round-trips; a tampered index or entry is refused before it runs."""
     import torch
 
-    from learner.checkpoint import load_learner, save_learner
+    from learner.sharded_state import load_learner, save_learner
 
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
     model, optimizer, scheduler = _tiny_training_state()
@@ -179,7 +179,8 @@ DASHBOARD_PORTS = (8265, 8265 + 51)
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_services_listen_on_loopback_by_default(path):
-    from perception_r1.config import ClusterConfig, JudgeConfig, load_config
+    from core.config import ClusterConfig, JudgeConfig
+    from core.config_files import load_config
 
     assert ClusterConfig().dashboard_host == "127.0.0.1" and JudgeConfig().http_host == "127.0.0.1"
     cfg = load_config(path)
@@ -197,8 +198,8 @@ INJECTIONS = [
 
 
 def _judge_once(url: str, response: str) -> float:
+    from core.config import JudgeConfig
     from judge.client import JudgeClient, JudgeEndpoint
-    from perception_r1.config import JudgeConfig
 
     async def run() -> float:
         client = JudgeClient(JudgeConfig(max_retries=0, timeout_s=10), JudgeEndpoint(url, "judge", api_key_env=KEY_ENV))
@@ -338,7 +339,7 @@ def test_api_key_stays_out_of_logs_mlflow_params_and_checkpoints(tmp_path, tiny_
     Authorization header); the key is only in an environment variable. Then every output is scanned."""
     import mlflow
 
-    from perception_r1.config import load_config
+    from core.config_files import load_config
     from perception_r1.driver import train
 
     key = "sk-pr1-" + secrets.token_hex(16)

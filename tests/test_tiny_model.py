@@ -7,15 +7,15 @@ import time
 import pytest
 from transformers import AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration
 
+from core.config import FORMAT_PROMPT, TinyModelConfig
+from core.vl import CpuQwen2_5_VLProcessor, build_messages, load_processor
 from dataprep.synthetic import text_corpus
 from perception_r1.cli import main
-from perception_r1.config import FORMAT_PROMPT, TinyModel
 from perception_r1.tiny_model import MARKER, build_tiny_model, config_hash, model_config
-from perception_r1.vl import CpuQwen2_5_VLProcessor, build_messages, load_processor
 
 
 def test_build_is_cached_and_atomic(tmp_path):
-    cfg = TinyModel(cache_dir=str(tmp_path))
+    cfg = TinyModelConfig(cache_dir=str(tmp_path))
     path = build_tiny_model(cfg)
     start = time.perf_counter()
     assert build_tiny_model(cfg) == path
@@ -25,11 +25,11 @@ def test_build_is_cached_and_atomic(tmp_path):
 
 
 def test_build_is_deterministic_and_a_config_change_rebuilds(tmp_path, tiny_model_path):
-    same = build_tiny_model(TinyModel(cache_dir=str(tmp_path / "a")))
+    same = build_tiny_model(TinyModelConfig(cache_dir=str(tmp_path / "a")))
     assert same.name == tiny_model_path.name
     for name in ("model.safetensors", "tokenizer.json", "config.json", "processor_config.json"):
         assert (same / name).read_bytes() == (tiny_model_path / name).read_bytes(), name
-    other = build_tiny_model(TinyModel(cache_dir=str(tmp_path / "a"), seed=1))
+    other = build_tiny_model(TinyModelConfig(cache_dir=str(tmp_path / "a"), seed=1))
     assert other != same and other.parent == same.parent
     assert (other / "model.safetensors").read_bytes() != (same / "model.safetensors").read_bytes()
     assert (other / "tokenizer.json").read_bytes() == (same / "tokenizer.json").read_bytes()
@@ -71,7 +71,7 @@ def test_solutions_are_short_and_tags_are_single_tokens(tiny_model_path):
 
 def test_hidden_size_must_allow_whole_heads():
     with pytest.raises(ValueError, match="hidden_size=40 must be a multiple of 16"):
-        model_config(TinyModel(hidden_size=40), tokenizer=None)
+        model_config(TinyModelConfig(hidden_size=40), tokenizer=None)
 
 
 def test_cli_builds_into_the_given_folder(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""perception_r1.vl: the spec §2 image rule and messages, prompt encoding, and the batch forward kwargs
+"""core.vl: the docs/method.md §2 image rule and messages, prompt encoding, and the batch forward kwargs
 that must score completions exactly as the generating forward did."""
 
 import io
@@ -8,13 +8,19 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
-from perception_r1.config import FORMAT_PROMPT, DataConfig, TinyModel
-from perception_r1.tiny_model import build_tiny_model
-from perception_r1.vl import (PromptTooLong, build_messages, encode_prompt, image_inputs, load_processor,
-                              model_inputs, prepare_image)
-from replay.records import Prompt
+from core.config import FORMAT_PROMPT, DataConfig
+from core.records import Prompt
+from core.vl import (
+    PromptTooLong,
+    build_messages,
+    encode_prompt,
+    image_inputs,
+    load_processor,
+    model_inputs,
+    prepare_image,
+)
 
-MIN, MAX = 3136, 1806336  # spec §2
+MIN, MAX = 3136, 1806336  # docs/method.md §2
 
 
 @pytest.fixture(scope="module")

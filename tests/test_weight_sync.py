@@ -12,11 +12,11 @@ def test_broadcast_makes_actor_weights_equal_learner(ray_cluster, tiny_model_dir
     from transformers import AutoModelForImageTextToText
 
     from actors.actor import remote_class
-    from actors.engine import Sampling
+    from core.config_files import parse_config
+    from core.records import Sampling
+    from core.weights import weight_corners
     from learner.sync import WeightBroadcaster
     from perception_r1.driver import build_engine
-    from perception_r1.config import parse_config
-    from replay.weights import weight_corners
 
     cfg = parse_config({"model": {"type": "pretrained", "path": tiny_model_dir}})
     build = functools.partial(build_engine, cfg=cfg, model_path=tiny_model_dir)

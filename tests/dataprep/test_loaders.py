@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from core.records import Prompt, render_annotations
 from dataprep.loaders import load_prompts, read_prompts
 from dataprep.writer import write_dataset
-from replay.records import Prompt, render_annotations
 
 
 def image_bytes(color: int, fmt: str = "PNG") -> bytes:

@@ -8,12 +8,14 @@ import asyncio
 import base64
 import importlib.util
 import io
+import itertools
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,16 +25,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from core.config import FORMAT_PROMPT, SyntheticDataConfig
+from core.openai_calls import Endpoint, FatalEndpointError
+from core.progress_log import ProgressLog
 from dataprep.annotate import InvalidAnnotations, parse_annotation_list
 from dataprep.distill import DistillRecord
 from dataprep.filter import accuracy
 from dataprep.loaders import load_prompts, read_prompts
-from dataprep.openai_calls import Endpoint, FatalEndpointError
 from dataprep.pipeline import STAGES, Settings, prepare
-from dataprep.progress import ProgressLog
 from dataprep.writer import write_dataset
 from perception_r1.cli import main as cli_main
-from perception_r1.config import FORMAT_PROMPT, SyntheticData
 
 _spec = importlib.util.spec_from_file_location("dataprep_fake_openai", Path(__file__).with_name("fake_openai.py"))
 fake_openai = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # a unique name: no clash with other tests' helpers
@@ -190,14 +192,19 @@ def test_kill_and_rerun_requests_nothing_twice_and_matches_uninterrupted_run(tmp
 
 
 def test_ctrl_c_on_the_cli_then_rerun(tmp_path):
+    """The teacher answers two problems, then holds every further request until the CLI got its SIGINT
+    (so the run cannot finish first, however slow the machine); the rerun gets answers at once."""
     data = write_input(tmp_path / "train.parquet", 8)
     out = tmp_path / "out"
+    interrupted = threading.Event()
+    teacher_calls = itertools.count()
 
-    def slow(request) -> Reply:
-        reply = all_right(request)
-        return Reply(reply.content, delay_s=0.15)
+    def held(request) -> Reply:
+        if request.num_images and next(teacher_calls) >= 2:
+            interrupted.wait(60)
+        return all_right(request)
 
-    with FakeOpenAI(slow) as server:
+    with FakeOpenAI(held) as server:
         command = [
             sys.executable, "-m", "perception_r1.cli", "prepare-data", "all", "--input", str(data), "--output-dir", str(out),
             "--teacher-url", server.url, "--teacher-model", "t", "--text-url", server.url, "--text-model", "x",
@@ -210,7 +217,10 @@ def test_ctrl_c_on_the_cli_then_rerun(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.02)
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=30)
+        try:
+            _, stderr = proc.communicate(timeout=30)
+        finally:
+            interrupted.set()
         assert proc.returncode == 130, stderr
         assert "rerun the same command to resume" in stderr
         finished = {json.loads(line)["id"] for line in (out / "distill.jsonl").read_text().splitlines()}
@@ -252,7 +262,7 @@ def test_auth_failure_stops_the_stage_at_once(tmp_path):
 def test_synthetic_problems_pass_through(tmp_path):
     from dataprep.synthetic import make_problems
 
-    prompts = make_problems(SyntheticData(num_problems=4, seed=3, image_size=64))
+    prompts = make_problems(SyntheticDataConfig(num_problems=4, seed=3, image_size=64))
     path = write_dataset([p.__class__(p.id, p.index, p.problem, p.answer, p.image) for p in prompts], output_dir=tmp_path, fmt="jsonl")
     loaded = read_prompts(path)
     answers = {p.problem.replace("<image>", ""): p.answer for p in prompts}
@@ -313,7 +323,7 @@ def test_accuracy_follows_the_spec_rule():
     assert accuracy("<think>\n\\boxed{24}\n</think>\n<answer>\n\\boxed{25}\n</answer>", ground_truth="24") == 0.0  # last boxed wins
     assert accuracy("so the answer is 24", ground_truth="24") == 1.0
     assert accuracy("<answer>\\frac{1}{2}</answer>", ground_truth="0.5") == 1.0  # one-line answer tags are stripped
-    assert accuracy("\\boxed{4\\sqrt{3}}", ground_truth="4\\sqrt{3}") == 0.0  # raw bare LaTeX parses as 4 (spec §3.2)
+    assert accuracy("\\boxed{4\\sqrt{3}}", ground_truth="4\\sqrt{3}") == 0.0  # raw bare LaTeX parses as 4 (docs/method.md §3.2)
     assert accuracy("\\boxed{4\\sqrt{3}}", ground_truth="4\\sqrt{3}", mode="wrap") == 1.0
     assert accuracy("\\boxed{4}", ground_truth="4\\sqrt{3}", mode="wrap") == 0.0
 
@@ -367,10 +377,10 @@ def test_geometry3k_folders_through_the_cli_to_jsonl(tmp_path, capsys):
         argv = ["prepare-data", "all", "--input", str(split), "--output-dir", str(tmp_path / "out"), "--format", "jsonl",
                 "--teacher-url", server.url, "--teacher-model", "t", "--text-url", server.url, "--text-model", "x", "--no-progress"]
         assert cli_main(argv) == 0
-        # the faithful rule (spec §3.2) mis-parses the bare-LaTeX ground truth 4\sqrt{3} as 4: dropped
+        # the faithful rule (docs/method.md §3.2) mis-parses the bare-LaTeX ground truth 4\sqrt{3} as 4: dropped
         assert "output    1 rows" in capsys.readouterr().out
         assert [p.id for p in load_prompts(tmp_path / "out")] == ["geo3k-00000"]
-        # filter again with the wrapping rule (spec §8.3), each stage alone: nothing is distilled again
+        # filter again with the wrapping rule (docs/method.md §8.3), each stage alone: nothing is distilled again
         before = len(server.requests)
         common = ["--input", str(split), "--output-dir", str(tmp_path / "out"), "--no-progress"]
         assert cli_main(["prepare-data", "filter", "--answer-mode", "wrap"] + common) == 0

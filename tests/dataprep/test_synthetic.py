@@ -7,19 +7,25 @@ import pytest
 from math_verify import parse, verify
 from PIL import Image
 
-from dataprep.synthetic import GIVENS_IN_QUESTION, TEMPLATES, make_problems, sample_problem, text_corpus
-from perception_r1.config import SyntheticData
+from core.config import SyntheticDataConfig
+from dataprep.synthetic import (
+    GIVENS_IN_QUESTION,
+    TEMPLATES,
+    make_problems,
+    sample_problem,
+    text_corpus,
+)
 
-FORMAT = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\\boxed{.+?}.*?\n</answer>$", re.DOTALL)  # spec §3.1
+FORMAT = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\\boxed{.+?}.*?\n</answer>$", re.DOTALL)  # docs/method.md §3.1
 
 
 @pytest.fixture(scope="module")
 def problems():
-    return make_problems(SyntheticData(num_problems=300, seed=0, image_size=112))
+    return make_problems(SyntheticDataConfig(num_problems=300, seed=0, image_size=112))
 
 
 def test_deterministic_by_seed_and_independent_of_the_count():
-    cfg = SyntheticData(num_problems=6, seed=3, image_size=64)
+    cfg = SyntheticDataConfig(num_problems=6, seed=3, image_size=64)
     first = make_problems(cfg)
     assert make_problems(cfg) == first
     assert make_problems(cfg.model_copy(update={"num_problems": 4})) == first[:4]
@@ -36,7 +42,7 @@ def test_every_solution_has_the_format_and_the_right_boxed_answer(problems):
 
 
 def test_math_verify_credits_the_solutions(problems):
-    # the accuracy reward (spec §3.2) parses the whole formatted response against the raw ground truth
+    # the accuracy reward (docs/method.md §3.2) parses the whole formatted response against the raw ground truth
     assert all(verify(parse(p.answer), parse(p.solution)) for p in problems[:40])
 
 
@@ -91,5 +97,5 @@ def test_without_givens_in_the_question_only_the_ask_remains(monkeypatch):
     import dataprep.synthetic as synthetic
 
     monkeypatch.setattr(synthetic, "GIVENS_IN_QUESTION", False)
-    for p in make_problems(SyntheticData(num_problems=30, image_size=56)):
+    for p in make_problems(SyntheticDataConfig(num_problems=30, image_size=56)):
         assert p.problem.startswith("<image>Find ") and not re.search(r"\d", p.problem), p.problem

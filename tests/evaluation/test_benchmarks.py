@@ -15,13 +15,12 @@ from PIL import Image
 
 from evaluation.benchmarks import (
     check_unique_ids,
-    load_geometry3k,
     load_mathverse,
     load_mathvision,
     load_mathvista,
-    load_synthetic,
     load_wemath,
 )
+from perception_r1.eval_sets import load_geometry3k, load_synthetic
 
 
 def png(color: int, size: int = 32) -> bytes:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.benchmarks import load_synthetic
+from core.config import FORMAT_PROMPT
 from perception_r1.cli import main
-from perception_r1.config import FORMAT_PROMPT
+from perception_r1.eval_sets import load_synthetic
 
 NUM_PROBLEMS = 6
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from core.records import Prompt
 from evaluation.benchmarks import BenchmarkItem
 from evaluation.scoring import (
     Extraction,
@@ -17,7 +18,6 @@ from evaluation.scoring import (
     parse_judgement,
     predicted_letter,
 )
-from replay.records import Prompt
 
 FORMATTED = "<think>\nThe sides are 3 and 4.\n</think>\n<answer>\n\\boxed{5}\n</answer>"
 
@@ -74,7 +74,7 @@ def test_mathverify_on_extracted_answers():
 
 
 def test_mathverify_modes():
-    # reference: the raw LaTeX ground truth is mis-parsed (spec §3.6.5); fixed wraps it so it parses
+    # reference: the raw LaTeX ground truth is mis-parsed (docs/method.md §3.6.5); fixed wraps it so it parses
     assert not mathverify_correct(item("2\\sqrt{3}"), extracted="\\boxed{2\\sqrt{3}}", mode="reference")
     assert mathverify_correct(item("2\\sqrt{3}"), extracted="\\boxed{2\\sqrt{3}}", mode="fixed")
     # a letter answer without listed choices: only the fixed rule compares letters

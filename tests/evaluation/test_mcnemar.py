@@ -10,10 +10,10 @@ import math
 import pytest
 
 from evaluation.mcnemar import Table, exact_p_value, format_table, pair, table
-from evaluation.mcnemar_cmd import resolve_field
 from perception_r1.cli import main
+from perception_r1.mcnemar_cmd import resolve_field
 
-# (b, c) -> the p-value the reference reports (spec §6), and the exact value
+# (b, c) -> the p-value the reference reports (docs/method.md §6), and the exact value
 PUBLISHED = {(1, 5): (0.22, 0.21875), (2, 4): (0.69, 0.6875), (2, 10): (0.04, 0.038574)}
 
 

@@ -8,8 +8,9 @@ import asyncio
 
 import pytest
 
-from evaluation.benchmarks import BenchmarkItem, load_synthetic
+from evaluation.benchmarks import BenchmarkItem
 from evaluation.perception import LexicalLabeller, LLMLabeller, label_from_reply
+from perception_r1.eval_sets import load_synthetic
 
 
 @pytest.mark.parametrize("reply,correct,verdicts", [

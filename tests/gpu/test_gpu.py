@@ -21,17 +21,21 @@ def tiny_vl(tmp_path_factory) -> str:
 
 
 def test_vllm_engine_groups_match_learner_encoding(tiny_vl):
-    from actors.engine import Sampling
     from actors.vllm_engine import VLLMEngine
+    from core.config import (
+        DataConfig,
+        LearnerConfig,
+        SyntheticDataConfig,
+        VLLMEngineConfig as VLLMCfg,
+    )
+    from core.records import RewardBreakdown, Sampling, ScoredGroup
     from dataprep.synthetic import make_problems
     from learner.trainer import Learner
-    from perception_r1.config import DataConfig, LearnerConfig, SyntheticData, VLLMEngine as VLLMCfg
-    from replay.records import RewardBreakdown, ScoredGroup
 
     data = DataConfig()
     engine = VLLMEngine(tiny_vl, cfg=VLLMCfg(enforce_eager=True, max_model_len=4096), data=data, seed=0,
                         kv_cache_memory_bytes=2 << 30)
-    groups = engine.generate(make_problems(SyntheticData(num_problems=3))[:3],
+    groups = engine.generate(make_problems(SyntheticDataConfig(num_problems=3))[:3],
                              sampling=Sampling(n=4, temperature=1.0, top_p=1.0, max_new_tokens=16), actor_id=0)
     assert [len(g.rollouts) for g in groups] == [4, 4, 4]
     for g in groups:
@@ -48,16 +52,15 @@ def test_vllm_engine_groups_match_learner_encoding(tiny_vl):
 
 
 def test_learner_step_on_gpu_learns(tiny_vl):
-    from actors.engine import Sampling
     from actors.hf_engine import HFEngine
+    from core.config import DataConfig, LearnerConfig, SyntheticDataConfig
+    from core.records import RewardBreakdown, Sampling, ScoredGroup
     from dataprep.synthetic import make_problems
     from learner.trainer import Learner
-    from perception_r1.config import DataConfig, LearnerConfig, SyntheticData
-    from replay.records import RewardBreakdown, ScoredGroup
 
     data = DataConfig()
     groups = HFEngine(tiny_vl, data=data, device="cuda").generate(
-        make_problems(SyntheticData(num_problems=2)), sampling=Sampling(4, 1.0, 1.0, 12), actor_id=0)
+        make_problems(SyntheticDataConfig(num_problems=2)), sampling=Sampling(4, 1.0, 1.0, 12), actor_id=0)
     scored = [ScoredGroup(g, tuple(RewardBreakdown(0, 0, 0, 0, float(i % 2), float(i % 2)) for i in range(4)), 0.0)
               for g in groups]
     cfg = LearnerConfig(optimizer={"lr": 1e-3, "weight_decay": 0.0})
@@ -71,8 +74,8 @@ def test_learner_step_on_gpu_learns(tiny_vl):
 
 def test_nccl_sync_into_running_vllm_engine(tiny_vl):
     from actors.actor import remote_class
-    from actors.engine import Sampling
-    from perception_r1.config import parse_config
+    from core.config_files import parse_config
+    from core.records import Sampling
     from perception_r1.driver import build_engine
 
     if torch.cuda.device_count() < 2:
@@ -110,7 +113,7 @@ class SenderProbe:
         self.sender.connect()
 
     def sync(self, version):
-        from replay.weights import weight_corners
+        from core.weights import weight_corners
 
         with torch.no_grad():
             for p in self.model.parameters():
@@ -120,7 +123,7 @@ class SenderProbe:
 
 
 def test_two_steps_of_the_whole_system_on_two_gpus(tiny_vl, tmp_path, monkeypatch):
-    from perception_r1.config import parse_config
+    from core.config_files import parse_config
     from perception_r1.driver import train
 
     if torch.cuda.device_count() < 2:

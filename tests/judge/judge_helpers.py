@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from core.config import JudgeConfig
+from core.records import Prompt, RewardBreakdown, Rollout, RolloutGroup
 from judge.lexical import lexical_verdicts
 from judge.rules import accuracy_reward, combine, format_reward, repetition_penalty
 from judge.verdicts import parse_verdicts, render_verdicts
-from perception_r1.config import JudgeConfig
-from replay.records import Prompt, RewardBreakdown, Rollout, RolloutGroup
 
 F = "<think>\n{t}\n</think>\n<answer>\n{a}\n</answer>"
 ANNOTATIONS = ("AB = 7", "BC = {b}", "AC = 10")

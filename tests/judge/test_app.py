@@ -11,9 +11,9 @@ import pytest
 import requests
 from judge_helpers import expected_rewards, make_group
 
-from perception_r1.config import JudgeConfig
-from replay import codec
-from replay.records import ScoredGroup
+from core import codec
+from core.config import JudgeConfig
+from core.records import ScoredGroup
 
 pytestmark = pytest.mark.slow
 

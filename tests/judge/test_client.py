@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from core.config import JudgeConfig, RewardConfig
 from judge.client import CircuitBreaker, JudgeClient, JudgeEndpoint
-from perception_r1.config import JudgeConfig, RewardConfig
 
 ITEMS = ("AB = 7", "BC = 5")
 RESPONSE = "The diagram shows AB = 7 and BC = 5."

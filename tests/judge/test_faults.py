@@ -11,7 +11,7 @@ import pytest
 from fake_judge import FakeJudge
 from judge_helpers import expected_rewards, make_group
 
-from perception_r1.config import ExternalJudge, JudgeConfig
+from core.config import ExternalJudgeConfig, JudgeConfig
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def fake():
 
 @pytest.fixture(scope="module")
 def cfg(fake):
-    return JudgeConfig(llm=ExternalJudge(base_url=fake.url, model="fake-judge"), http_port=free_port(),
+    return JudgeConfig(llm=ExternalJudgeConfig(base_url=fake.url, model="fake-judge"), http_port=free_port(),
                        timeout_s=TIMEOUT_S, max_retries=RETRIES, breaker_failures=FAILURES,
                        breaker_reset_s=RESET_S, fallback_visual=0.0)
 

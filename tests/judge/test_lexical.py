@@ -2,10 +2,10 @@
 
 import pytest
 
+from core.config import SyntheticDataConfig
 from dataprep.synthetic import make_problems
 from judge.lexical import key_tokens, lexical_reply, lexical_verdicts
 from judge.verdicts import judge_messages, parse_verdicts
-from perception_r1.config import SyntheticData
 
 
 def test_key_tokens():
@@ -46,7 +46,7 @@ def test_lexical_verdicts(items, response, expected):
 
 
 def test_reference_solutions_reflect_all_their_annotations():
-    for p in make_problems(SyntheticData(num_problems=40)):
+    for p in make_problems(SyntheticDataConfig(num_problems=40)):
         assert lexical_verdicts(p.annotations, p.solution) == (1,) * len(p.annotations), p.id
 
 

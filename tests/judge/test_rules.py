@@ -1,13 +1,20 @@
-"""Table-driven tests of the rule rewards against the reference's definitions (spec §3.1-3.6).
+"""Table-driven tests of the rule rewards against the reference's definitions (docs/method.md §3.1-3.6).
 
 Every surprising expectation below (raw ground truths, merged boxes, degree notations) was checked
-by running math-verify 0.9.0 / latex2sympy2_extended 1.11.0, the versions the spec observed.
+by running math-verify 0.9.0 / latex2sympy2_extended 1.11.0, the versions docs/method.md §3.6 was observed with.
 """
 
 import pytest
 
-from judge.rules import accuracy_reward, answer_text, combine, format_reward, last_boxed, repetition_penalty
-from perception_r1.config import RewardConfig
+from core.config import RewardConfig
+from judge.rules import (
+    accuracy_reward,
+    answer_text,
+    combine,
+    format_reward,
+    last_boxed,
+    repetition_penalty,
+)
 
 F = "<think>\n{t}\n</think>\n<answer>\n{a}\n</answer>"
 OK = F.format(t="AB = 7, BC = 7, AC = 10, so 7 + 7 + 10 = 24.", a=r"The perimeter is \boxed{24}.")

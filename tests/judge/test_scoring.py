@@ -6,11 +6,11 @@ import asyncio
 import pytest
 from judge_helpers import expected_rewards, make_group
 
+from core.config import JudgeConfig, RewardConfig
 from judge.client import JudgeClient, JudgeEndpoint
 from judge.rules import combine
 from judge.scoring import GroupScorer
 from judge.verifier import VerifierPool
-from perception_r1.config import JudgeConfig, RewardConfig
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +83,17 @@ def test_dead_judge_gives_counted_fallbacks_and_exact_rules(loop, verifier, fake
     assert stats.num_failures == 4 and stats.num_errors == 4
 
 
-def test_stats_merge_over_replicas():
-    from judge.service import merge_stats
-    from replay.records import JudgeStats
+def test_stats_merge_over_replicas_and_parts():
+    from core.records import JudgeStats
 
-    a = JudgeStats(num_groups=2, num_requests=10, num_failures=1, num_timeouts=1, latency_p50_s=0.1, latency_p99_s=0.5)
-    b = JudgeStats(num_groups=3, num_requests=4, num_cache_hits=6, breaker_open=True, latency_p50_s=0.2,
-                   latency_p99_s=0.3)
-    m = merge_stats([a, b])
-    assert (m.num_groups, m.num_requests, m.num_cache_hits, m.num_failures, m.num_timeouts) == (5, 14, 6, 1, 1)
+    a = JudgeStats(num_groups=2, num_requests=10, num_timeouts=1, num_verify_crashes=2, latency_p50_s=0.1,
+                   latency_p99_s=0.5)
+    b = JudgeStats(num_groups=3, num_requests=4, num_cache_hits=6, num_unparseable=2, breaker_open=True,
+                   latency_p50_s=0.2, latency_p99_s=0.3)
+    m = JudgeStats.merge([a, b])
+    assert (m.num_groups, m.num_requests, m.num_cache_hits, m.num_failures, m.num_timeouts) == (5, 14, 6, 3, 1)
+    assert m.num_verify_crashes == 2
     assert m.breaker_open and (m.latency_p50_s, m.latency_p99_s) == (0.2, 0.5)
-    assert merge_stats([]) == JudgeStats()
+    assert JudgeStats.merge([]) == JudgeStats()
+    assert a == JudgeStats(num_groups=2, num_requests=10, num_timeouts=1, num_verify_crashes=2, latency_p50_s=0.1,
+                           latency_p99_s=0.5)  # merging leaves its parts as they were

@@ -1,9 +1,18 @@
-"""Judge request building (delimiting, neutralising) and verdict parsing (spec §3.3, §3.6.1-2)."""
+"""Judge request building (delimiting, neutralising) and verdict parsing (docs/method.md §3.3, §3.6.1-2)."""
 
 import pytest
 
-from judge.verdicts import (BEGIN, END, SYSTEM_PROMPT, judge_messages, neutralise, parse_verdicts,
-                            read_user_message, render_verdicts, user_message)
+from judge.verdicts import (
+    BEGIN,
+    END,
+    SYSTEM_PROMPT,
+    judge_messages,
+    neutralise,
+    parse_verdicts,
+    read_user_message,
+    render_verdicts,
+    user_message,
+)
 
 SPEC = "<info1>1</info1>\n<info2>0</info2>\n<info3>1</info3>"
 

@@ -41,7 +41,7 @@ def test_pool_scores_equal_in_process_scores(loop, pool, mode):
 
 
 def test_pathological_answer_costs_its_timeout_and_a_zero(loop, pool):
-    before = pool.counters.num_timeouts
+    before = pool.counters.num_verify_timeouts
 
     async def run():
         started = time.perf_counter()
@@ -53,11 +53,11 @@ def test_pathological_answer_costs_its_timeout_and_a_zero(loop, pool):
     bad, elapsed, others = loop.run_until_complete(run())
     assert bad == 0.0 and 1.0 <= elapsed < 2.0
     assert others == [1.0] * 8  # the other worker kept serving; the replacement comes up in the background
-    assert pool.counters.num_timeouts == before + 1
+    assert pool.counters.num_verify_timeouts == before + 1
 
 
 def test_dead_worker_is_replaced(loop, pool):
-    before = pool.counters.num_crashes
+    before = pool.counters.num_verify_crashes
 
     async def run():
         await pool.accuracy(r"\boxed{1}", "1", mode="reference")
@@ -69,7 +69,7 @@ def test_dead_worker_is_replaced(loop, pool):
 
     scores = loop.run_until_complete(run())
     assert sorted(scores) == [0.0] + [1.0] * 5  # the request that met the dead worker scored 0
-    assert pool.counters.num_crashes == before + 1
+    assert pool.counters.num_verify_crashes == before + 1
 
 
 def test_pool_runs_off_the_main_thread():

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from core.config import LossConfig
 from learner.grpo import (
     completion_mask,
     entropy_from_logits,
@@ -15,7 +16,6 @@ from learner.grpo import (
     token_logprobs,
     uniform_groups,
 )
-from perception_r1.config import LossConfig
 
 # ------------------------------------------------------------------------------------- advantages
 

@@ -4,17 +4,16 @@ the same loss and gradients (fp32 tolerance) as a single-process reference writt
 import numpy as np
 import torch
 
-from actors.engine import Sampling
 from actors.hf_engine import HFEngine
+from core import vl
+from core.config import DataConfig, LearnerConfig, SyntheticDataConfig
+from core.records import RewardBreakdown, Sampling, ScoredGroup
 from dataprep.synthetic import make_problems
 from learner.trainer import Learner
-from perception_r1 import vl
-from perception_r1.config import DataConfig, LearnerConfig, SyntheticData
-from replay.records import RewardBreakdown, ScoredGroup
 
 
 def reference_grpo_loss(model, processor, scored: list[ScoredGroup], data: DataConfig, *, suppressed: list[int]):
-    """Plain GRPO, the spec's formulas, one unpadded sequence at a time, global token mean."""
+    """Plain GRPO, docs/method.md's formulas, one unpadded sequence at a time, global token mean."""
     terms, num_tokens = [], 0
     for sg in scored:
         r = torch.tensor([x.total for x in sg.rewards])
@@ -40,7 +39,7 @@ def test_learner_step_equals_plain_grpo(tiny_model_dir):
     torch.manual_seed(0)
     data = DataConfig()
     engine = HFEngine(tiny_model_dir, data=data)
-    prompts = make_problems(SyntheticData(num_problems=2, seed=3))
+    prompts = make_problems(SyntheticDataConfig(num_problems=2, seed=3))
     groups = engine.generate(prompts, sampling=Sampling(n=4, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=5),
                              actor_id=0)
     scored = [ScoredGroup(g, tuple(RewardBreakdown(0, 0, 0, 0, float(v), float(v)) for v in values), 0.0)

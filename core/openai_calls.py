@@ -1,8 +1,8 @@
-"""Chat requests to an OpenAI-compatible endpoint, as data preparation needs them: bounded
-concurrency (one semaphore per endpoint), a hard per-request timeout, retries with exponential
-backoff and full jitter, token usage counted from each reply, and a fatal error (not a retry) when
-the endpoint refuses us outright (bad key, unknown model or route), so a misconfigured run stops
-at its first request instead of marking every item failed.
+"""Chat requests to an OpenAI-compatible endpoint, as the offline pipelines (data preparation,
+evaluation) need them: bounded concurrency (one semaphore per endpoint), a hard per-request timeout,
+retries with exponential backoff and full jitter, token usage counted from each reply, and a fatal
+error (not a retry) when the endpoint refuses us outright (bad key, unknown model or route), so a
+misconfigured run stops at its first request instead of marking every item failed.
 
 The API key comes only from the environment variable the caller names; it is never logged.
 """
@@ -16,7 +16,7 @@ import os
 import random
 from dataclasses import dataclass
 
-from replay.records import Prompt
+from core.records import Prompt
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def image_data_url(image: bytes) -> str:
 
 def multimodal_content(prompt: Prompt, *, suffix: str) -> list[dict]:
     """The user message content: the problem split on `<image>` with the image at the split point
-    (as the policy sees it, spec §2), followed by `suffix` after one space."""
+    (as the policy sees it, docs/method.md §2), followed by `suffix` after one space."""
     pieces = f"{prompt.problem} {suffix.strip()}".split("<image>")
     content: list[dict] = []
     for k, piece in enumerate(pieces):

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     judge.add_argument("--judge-max-tokens", type=int, default=128,
                        help="reply tokens for extraction and judgement (reference: 128)")
     judge.add_argument("--mathverify-mode", choices=["reference", "fixed"], default="reference",
-                       help="math-verify as the reference's reward (raw ground truth) or with its bugs treated (spec §3.6)")
+                       help="math-verify as the reference's reward (raw ground truth) or with its bugs treated (docs/method.md §3.6)")
     seen = parser.add_argument_group("perception labels (items with visual annotations)")
     seen.add_argument("--perception", choices=["auto", "llm", "lexical", "none"], default="auto",
                       help="llm: the training judge's prompt at --perception-url (default: --judge-url); lexical: the CPU "
@@ -75,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
     benchmarks = _validate(args)
     import asyncio
 
-    from dataprep.openai_calls import FatalEndpointError, RequestFailed
-    from dataprep.progress import check_manifest
+    from core.openai_calls import FatalEndpointError, RequestFailed
+    from core.progress_log import check_manifest
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,7 @@ def _benchmark_spec(spec: str) -> tuple[str, str | None]:
 
 def _settings(args: argparse.Namespace) -> dict:
     """What makes results comparable: a folder is only resumed with the same settings."""
-    from perception_r1.config import FORMAT_PROMPT
+    from core.config import FORMAT_PROMPT
 
     return {"policy": args.policy_model or str(Path(args.model_path).resolve()), "max_tokens": args.max_tokens,
             "judge_model": args.judge_model, "mathverify_mode": args.mathverify_mode, "perception": args.perception,
@@ -162,42 +162,43 @@ def _resolve_perception(args: argparse.Namespace) -> None:
 
 # -------------------------------------------------------------------------------------- building
 def _load(benchmarks: list[tuple[str, str | None]], args: argparse.Namespace) -> list:
-    from evaluation.benchmarks import LOADERS, check_unique_ids, load_synthetic
+    from evaluation.benchmarks import check_unique_ids
+    from perception_r1.eval_sets import load_benchmark
 
     items = []
     for name, path in benchmarks:
-        if name == "synthetic":
-            loaded = load_synthetic(path, num_problems=args.synthetic_num, seed=args.synthetic_seed)
-        else:
-            loaded = LOADERS[name](path)
+        loaded = load_benchmark(name, path, num_synthetic=args.synthetic_num, synthetic_seed=args.synthetic_seed)
         items.extend(loaded[: args.limit])
     check_unique_ids(items)
     return items
 
 
 def _endpoint(url: str, model: str, key_env: str | None, *, max_tokens: int, args: argparse.Namespace):
-    from dataprep.openai_calls import Endpoint
+    from core.openai_calls import Endpoint
 
     return Endpoint(base_url=url, model=model, key_env=key_env, temperature=0.0, max_tokens=max_tokens,
                     timeout_s=args.timeout, max_attempts=args.max_attempts)
 
 
 def _responder(args: argparse.Namespace):
-    from evaluation.responders import OpenAIResponder, build_local_responder
+    from evaluation.responders import EngineResponder, OpenAIResponder
 
-    if args.model_path:
-        return build_local_responder(args.model_path, device=args.device, max_tokens=args.max_tokens)
+    if args.model_path:  # greedy generation with the HF engine of actors/ on the model folder
+        from actors.hf_engine import HFEngine
+        from core.config import DataConfig
+
+        engine = HFEngine(args.model_path, data=DataConfig(), num_threads=1, device=args.device)
+        return EngineResponder(engine, max_tokens=args.max_tokens)
     endpoint = _endpoint(args.policy_url, args.policy_model, args.policy_key_env, max_tokens=args.max_tokens, args=args)
     return OpenAIResponder(endpoint, concurrency=args.concurrency)
 
 
 async def _evaluate(items: list, responder, args: argparse.Namespace, results_path: Path):
     """Run the loop with the judge clients open; returns the rows and the judges' counters."""
-    from dataprep.openai_calls import ChatClient
+    from core.openai_calls import ChatClient
     from evaluation.evaluate import evaluate
-    from evaluation.scoring import ReferenceScorer
-
     from evaluation.perception import LexicalLabeller, LLMLabeller
+    from evaluation.scoring import ReferenceScorer
 
     clients, scorer, labeller = [], None, None
     if args.judge_url:
@@ -225,6 +226,7 @@ async def _evaluate(items: list, responder, args: argparse.Namespace, results_pa
 # ------------------------------------------------------------------------------------- reporting
 def _report(rows: list, args: argparse.Namespace, output_dir: Path, stats: dict) -> None:
     from evaluation import report
+    from perception_r1.tracking import use_experiment
 
     summaries = report.summarize(rows)
     model_name = args.policy_model or Path(args.model_path).name
@@ -242,6 +244,7 @@ def _report(rows: list, args: argparse.Namespace, output_dir: Path, stats: dict)
     if args.mlflow or args.mlflow_uri:
         uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_MLFLOW_URI
         params = {k: str(v) for k, v in _settings(args).items() if k != "format_prompt"}
+        use_experiment(uri, args.experiment)  # a new sqlite experiment keeps its artifacts beside the db
         run_id = report.log_mlflow(summaries, tracking_uri=uri, experiment=args.experiment,
                                    run_name=args.run_name or output_dir.name, params=params,
                                    artifacts=[*artifacts, output_dir / "results.jsonl"])

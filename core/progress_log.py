@@ -1,7 +1,7 @@
-"""What makes data preparation resumable: one append-only JSONL progress file per stage, a line per
-finished item, written and flushed the moment the item finishes (so a crash or Ctrl-C loses at
-most the requests in flight), plus a manifest that pins the input and the stage settings a folder
-was started with, so a rerun never mixes results from different inputs or settings.
+"""What makes data preparation and evaluation resumable: one append-only JSONL progress file per stage,
+a line per finished item, written and flushed the moment the item finishes (so a crash or Ctrl-C
+loses at most the requests in flight), plus a manifest that pins the input and the stage settings a
+folder was started with, so a rerun never mixes results from different inputs or settings.
 
 Progress lines are flat records (frozen dataclasses of str / int / float / tuple fields). The last
 line for an id wins. A line cut short by a crash is dropped when the file is reopened.
@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Generic, TypeVar
 
-from replay.records import Prompt
+from core.records import Prompt
 
 R = TypeVar("R")
 MANIFEST = "manifest.json"

@@ -2,7 +2,7 @@
 each rank writes its own shard), the LR scheduler and the policy_version.
 
 A checkpoint folder `step_<N>` is complete only once the driver has added its own part and renamed
-it from `step_<N>.tmp` (see perception_r1/checkpoints.py); the learner never reads a `.tmp` folder.
+it from `step_<N>.tmp` (see perception_r1/run_checkpoints.py); the learner never reads a `.tmp` folder.
 
 Loading unpickles nothing arbitrary: DCP pickles its `.metadata` index and the non-tensor entries
 (optimizer hyperparameters), and would unpickle them unrestricted on load. The index is checked first

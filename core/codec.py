@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import msgpack
 import numpy as np
 
-from replay import records
+from core import records
 
 T = TypeVar("T")
 _NDARRAY = 1

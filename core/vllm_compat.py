@@ -112,7 +112,7 @@ async def worker_weight_corners(engine, suffixes: list[str]) -> dict[str, list]:
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
 
     def on_worker(worker, suffixes=suffixes):
-        from replay.weights import weight_corners
+        from core.weights import weight_corners
 
         return weight_corners(worker.model_runner.model.named_parameters(), suffixes)
 

@@ -15,7 +15,7 @@ FORMAT_PROMPT = (
     "The reasoning process MUST BE enclosed within <think> </think> tags, and the answer process MUST BE "
     "enclosed within <answer> </answer> tags. The final answer MUST BE put in \\boxed{} in <answer> </answer> tags."
 )
-"""The reference's format prompt as the model sees it: one line (spec §2)."""
+"""The reference's format prompt as the model sees it: one line (docs/method.md §2)."""
 
 
 class Section(BaseModel):
@@ -48,7 +48,7 @@ class ClusterConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------- model
-class TinyModel(Section):
+class TinyModelConfig(Section):
     type: Literal["tiny"] = "tiny"
     cache_dir: str = ".cache/tiny-qwen2_5_vl"
     """Where the tiny random Qwen2.5-VL is built once and then loaded by path like a real model."""
@@ -61,7 +61,7 @@ class TinyModel(Section):
     """Seed for the random weights."""
 
 
-class PretrainedModel(Section):
+class PretrainedModelConfig(Section):
     type: Literal["pretrained"] = "pretrained"
     path: str
     """Local folder with config, weights, tokenizer and processor (nothing is downloaded at run time)."""
@@ -70,11 +70,11 @@ class PretrainedModel(Section):
     real scale without real weights; vLLM engines then use load_format `dummy`)."""
 
 
-ModelConfig = Annotated[Union[TinyModel, PretrainedModel], Field(discriminator="type")]
+ModelConfig = Annotated[Union[TinyModelConfig, PretrainedModelConfig], Field(discriminator="type")]
 
 
 # ---------------------------------------------------------------------------------------------- data
-class SyntheticData(Section):
+class SyntheticDataConfig(Section):
     type: Literal["synthetic"] = "synthetic"
     num_problems: int = Field(512, ge=1)
     seed: int = 0
@@ -82,7 +82,7 @@ class SyntheticData(Section):
     """Side of the square diagram in pixels."""
 
 
-class FileData(Section):
+class FileDataConfig(Section):
     type: Literal["file"] = "file"
     path: str
     """A parquet or JSONL file with `problem` (with `<image>`), `answer`, `images`, optional `visual_key_info`."""
@@ -91,13 +91,13 @@ class FileData(Section):
 
 
 class DataConfig(Section):
-    dataset: Annotated[Union[SyntheticData, FileData], Field(discriminator="type")] = SyntheticData()
+    dataset: Annotated[Union[SyntheticDataConfig, FileDataConfig], Field(discriminator="type")] = SyntheticDataConfig()
     format_prompt: str = FORMAT_PROMPT
-    """Appended to each problem after one space (spec §2)."""
+    """Appended to each problem after one space (docs/method.md §2)."""
     min_pixels: int = Field(3136, ge=1)
-    """Images smaller than this (w*h) are scaled up to it (spec §2)."""
+    """Images smaller than this (w*h) are scaled up to it (docs/method.md §2)."""
     max_pixels: int = Field(1806336, ge=1)
-    """Images larger than this (w*h) are scaled down to it (spec §2)."""
+    """Images larger than this (w*h) are scaled down to it (docs/method.md §2)."""
     max_prompt_tokens: int = Field(4096, ge=16)
     """Prompts longer than this are rejected with a counted skip."""
     shuffle_seed: int | None = 1
@@ -111,13 +111,13 @@ class DataConfig(Section):
 
 
 # ------------------------------------------------------------------------------------------- rollout
-class HFEngine(Section):
+class HFEngineConfig(Section):
     type: Literal["hf"] = "hf"
     num_threads: int = Field(1, ge=1)
     """torch intra-op threads per actor (keep actors from fighting over few cores)."""
 
 
-class VLLMEngine(Section):
+class VLLMEngineConfig(Section):
     type: Literal["vllm"] = "vllm"
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.7, gt=0.0, le=0.98)
@@ -131,7 +131,7 @@ class VLLMEngine(Section):
 
 
 class RolloutConfig(Section):
-    engine: Annotated[Union[HFEngine, VLLMEngine], Field(discriminator="type")] = HFEngine()
+    engine: Annotated[Union[HFEngineConfig, VLLMEngineConfig], Field(discriminator="type")] = HFEngineConfig()
     num_actors: int = Field(1, ge=1)
     num_gpus_per_actor: float = Field(0.0, ge=0.0)
     max_restarts: int = Field(3, ge=0)
@@ -148,7 +148,7 @@ class RolloutConfig(Section):
 
     @model_validator(mode="after")
     def _engine(self) -> RolloutConfig:
-        if isinstance(self.engine, VLLMEngine) and self.num_gpus_per_actor < self.engine.tensor_parallel_size:
+        if isinstance(self.engine, VLLMEngineConfig) and self.num_gpus_per_actor < self.engine.tensor_parallel_size:
             raise ValueError(
                 f"rollout.engine.tensor_parallel_size={self.engine.tensor_parallel_size} needs "
                 f"rollout.num_gpus_per_actor >= {self.engine.tensor_parallel_size} (got {self.num_gpus_per_actor})")
@@ -158,23 +158,23 @@ class RolloutConfig(Section):
 # --------------------------------------------------------------------------------------------- judge
 class RewardConfig(Section):
     mode: Literal["reference", "fixed"] = "reference"
-    """`reference`: the upstream reward code's exact behaviour (spec §3.6); `fixed`: its bugs treated (spec §3.6)."""
+    """`reference`: the upstream reward code's exact behaviour (docs/method.md §3.6); `fixed`: its bugs treated (docs/method.md §3.6)."""
     accuracy_weight: float = 0.9
     format_weight: float = 0.1
     repetition_weight: float = 1.0
     visual_weight: float = 0.7
-    """The reference script's visual_reward_factor (spec §3.5)."""
+    """The reference script's visual_reward_factor (docs/method.md §3.5)."""
     ngram_size: int = Field(20, ge=1)
     repetition_penalty: float = Field(-2.0, le=0.0)
     use_visual_reward: bool = True
 
 
-class LexicalJudge(Section):
+class LexicalJudgeConfig(Section):
     type: Literal["lexical"] = "lexical"
     """CPU judge in the same Serve app: same OpenAI API, verdicts by matching each annotation's numbers and terms."""
 
 
-class ExternalJudge(Section):
+class ExternalJudgeConfig(Section):
     type: Literal["external"] = "external"
     base_url: str
     """OpenAI-compatible endpoint, e.g. `http://judge-host:16657/v1`."""
@@ -183,7 +183,7 @@ class ExternalJudge(Section):
     """Environment variable holding the API key (never put keys in configs)."""
 
 
-class VLLMJudge(Section):
+class VLLMJudgeConfig(Section):
     type: Literal["vllm"] = "vllm"
     model_path: str
     """Local folder of the judge LLM (text-only, as in the reference)."""
@@ -200,10 +200,10 @@ class VLLMJudge(Section):
 
 class JudgeConfig(Section):
     reward: RewardConfig = RewardConfig()
-    llm: Annotated[Union[LexicalJudge, ExternalJudge, VLLMJudge], Field(discriminator="type")] = LexicalJudge()
+    llm: Annotated[Union[LexicalJudgeConfig, ExternalJudgeConfig, VLLMJudgeConfig], Field(discriminator="type")] = LexicalJudgeConfig()
     verdict_mode: Literal["reference", "strict"] = "reference"
     """`reference`: K counted from the judge's tags; `strict`: K = number of annotations, missing items 0.
-    `reward.mode: fixed` always counts strictly (the spec's treatment of the K bug)."""
+    `reward.mode: fixed` always counts strictly (docs/method.md §8's treatment of the K bug)."""
     temperature: float = Field(0.0, ge=0.0)
     max_tokens: int = Field(512, ge=1)
     timeout_s: float = Field(60.0, gt=0.0)
@@ -239,6 +239,9 @@ class BufferConfig(Section):
     """Scored groups held at most; producers wait (back-pressure) when full."""
     max_bytes: int = Field(1 << 30, ge=1 << 20)
     """Bytes of scored groups held at most; producers wait when over."""
+    drop_uniform_groups: bool = False
+    """Groups whose rewards are all equal (zero advantage) never enter the buffer: dropped and counted
+    (`driver/dropped_uniform`), their prompts done, instead of being trained on."""
 
 
 # ------------------------------------------------------------------------------------------- learner
@@ -259,8 +262,6 @@ class LossConfig(Section):
     kl_coef: float = Field(0.0, ge=0.0)
     """KL(pi || ref) penalty weight (k3 estimator). > 0 loads a frozen reference model."""
     entropy_coef: float = Field(0.0, ge=0.0)
-    drop_uniform_groups: bool = False
-    """Skip groups whose rewards are all equal (zero advantage) instead of training on them."""
     tis_cap: float = Field(2.0, ge=1.0)
     """`tis`: importance weights pi_old/pi_behaviour are truncated at this value."""
     behaviour_cap: float = Field(5.0, ge=1.0)
@@ -351,7 +352,7 @@ class CheckpointConfig(Section):
 class Config(Section):
     run: RunConfig = RunConfig()
     cluster: ClusterConfig = ClusterConfig()
-    model: ModelConfig = TinyModel()
+    model: ModelConfig = TinyModelConfig()
     data: DataConfig = DataConfig()
     rollout: RolloutConfig = RolloutConfig()
     judge: JudgeConfig = JudgeConfig()
@@ -397,12 +398,12 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         problems.append("sync.backend=nccl needs learner.num_gpus_per_worker=1; use gloo or auto on CPU")
     if cfg.learner.dtype == "bfloat16" and gpus == 0:
         problems.append("learner.dtype=bfloat16 needs GPUs (learner.num_gpus_per_worker=1); use float32 on CPU")
-    if isinstance(cfg.rollout.engine, VLLMEngine) and cfg.rollout.num_gpus_per_actor == 0:
+    if isinstance(cfg.rollout.engine, VLLMEngineConfig) and cfg.rollout.num_gpus_per_actor == 0:
         problems.append("rollout.engine.type=vllm needs rollout.num_gpus_per_actor >= 1; use engine type hf on CPU")
     if cfg.learner.attn_implementation == "flash_attention_2" and gpus == 0:
         problems.append("learner.attn_implementation=flash_attention_2 needs GPUs; use sdpa on CPU")
     engine = cfg.rollout.engine
-    if (isinstance(cfg.model, PretrainedModel) and cfg.model.random_weights and isinstance(engine, VLLMEngine)
+    if (isinstance(cfg.model, PretrainedModelConfig) and cfg.model.random_weights and isinstance(engine, VLLMEngineConfig)
             and engine.load_format != "dummy"):
         problems.append("model.random_weights needs rollout.engine.load_format: dummy (vLLM would look for weights)")
     requested = _gpus_requested(cfg)
@@ -416,10 +417,7 @@ def _cross_field_problems(cfg: Config) -> list[str]:
 
 def _gpus_requested(cfg: Config) -> float:
     judge = cfg.judge.llm
-    judge_gpus = judge.num_replicas * judge.num_gpus_per_replica if isinstance(judge, VLLMJudge) else 0.0
+    judge_gpus = judge.num_replicas * judge.num_gpus_per_replica if isinstance(judge, VLLMJudgeConfig) else 0.0
     return (cfg.rollout.num_actors * cfg.rollout.num_gpus_per_actor
             + cfg.learner.num_workers * cfg.learner.num_gpus_per_worker + judge_gpus)
 
-
-# Reading configs from files lives in config_files.py; re-exported here so one import serves.
-from perception_r1.config_files import load_config, parse_config, to_yaml  # noqa: E402,F401

@@ -1,5 +1,5 @@
 """Qwen2.5-VL inputs, built in one place: the processor factory, the image rule and chat messages of
-the reference (spec §2), one prompt's tensors, and the forward kwargs that score G completions of it.
+the reference (docs/method.md §2), one prompt's tensors, and the forward kwargs that score G completions of it.
 
 Generation actors, the learner and evaluation all go through these functions, so the tokens a
 completion was sampled after are exactly the tokens the learner scores it after.
@@ -21,10 +21,11 @@ from transformers import AutoProcessor, Qwen2_5_VLProcessor
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import is_torchvision_available
 
-from replay.records import IMAGE_PLACEHOLDER, MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, Prompt
+from core.images import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS
+from core.records import IMAGE_PLACEHOLDER, Prompt
 
 if TYPE_CHECKING:  # only attributes are read; keeps this module free of the config's dependencies
-    from perception_r1.config import DataConfig
+    from core.config import DataConfig
 
 PROCESSOR_KEYS = {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"}
 """What the transformers-5 processor returns for one text + one image; anything else fails loudly."""
@@ -63,7 +64,7 @@ def load_processor(path: str | Path) -> Qwen2_5_VLProcessor:
 
 # ------------------------------------------------------------------------------------------ image
 def prepare_image(data: bytes, *, min_pixels: int, max_pixels: int, source: str = "") -> Image.Image:
-    """Decode an encoded image and apply the reference's rule (spec §2): if w*h > max_pixels or
+    """Decode an encoded image and apply the reference's rule (docs/method.md §2): if w*h > max_pixels or
     < min_pixels, scale both sides by sqrt(limit / (w*h)), int-truncated, PIL's default resampling;
     then convert to RGB."""
     image = _decode(data, source=source)
@@ -156,7 +157,7 @@ class PromptInputs:
 
 
 def encode_prompt(processor: Qwen2_5_VLProcessor, prompt: Prompt, *, data: DataConfig) -> PromptInputs:
-    """The prompt's tensors: spec §2 image rule, messages, chat template with the generation prompt."""
+    """The prompt's tensors: docs/method.md §2 image rule, messages, chat template with the generation prompt."""
     try:
         messages = build_messages(prompt.problem, format_prompt=data.format_prompt)
     except ValueError as e:

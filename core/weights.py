@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from replay.records import WeightManifest
+from core.records import WeightManifest
 
 
 def free_port() -> int:

@@ -1,25 +1,25 @@
-"""Typed records that cross process boundaries: prompt -> rollout group -> scored group -> train batch.
+"""Typed records that cross process boundaries: prompt -> rollout group -> scored group -> train batch,
+and what the roles report about themselves (learner reports, buffer, generation and judge counters).
 
-Every record is a frozen dataclass. Token ids and logprobs are numpy arrays (cheap to pickle into the
-Ray object store, encoded as raw bytes by `replay.codec` where records leave Ray). Every record that
-carries model output carries the `policy_version` of the weights that produced it.
+Every record is a dataclass, frozen except the judge's counters. Token ids and logprobs are numpy
+arrays (cheap to pickle into the Ray object store, encoded as raw bytes by `core.codec` where records
+leave Ray). Every record that carries model output carries the `policy_version` of the weights that
+produced it.
 
     Prompt ──(actors/)──> RolloutGroup ──(judge/)──> ScoredGroup ──(replay/)──> TrainBatch ──> learner/
+    learner/ ──LearnerStarted | LearnerStep | LearnerFinished──> driver (perception_r1/)
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
 IMAGE_PLACEHOLDER = "<image>"
 """Where a prompt's image goes in its `problem` text (exactly once)."""
-MAX_IMAGE_PIXELS = 64_000_000
-"""Encoded images whose header claims more pixels than this are refused before decoding (decompression bombs)."""
-MAX_ASPECT_RATIO = 200
-"""The Qwen2.5-VL image processor refuses images more elongated than this."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +43,7 @@ class Prompt:
 
 
 def render_annotations(items: tuple[str, ...] | list[str]) -> str:
-    """The reference's `visual_key_info` string: `<info1>a</info1>\n<info2>b</info2>` (spec §3.3, §8.5)."""
+    """The reference's `visual_key_info` string: `<info1>a</info1>\n<info2>b</info2>` (docs/method.md §3.3, §8.5)."""
     return "\n".join(f"<info{k}>{item}</info{k}>" for k, item in enumerate(items, start=1))
 
 
@@ -59,6 +59,18 @@ def parse_annotations(text: str) -> tuple[str, ...]:
             break
         items.append(m.group(1).strip())
     return tuple(items)
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """How a generation call samples; temperature 0 means greedy (evaluation)."""
+
+    n: int
+    """Rollouts per prompt (the GRPO group size)."""
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +222,15 @@ class GenerationStats:
 
 
 @dataclass(frozen=True, slots=True)
-class LearnerStepRecord:
+class LearnerStarted:
+    """The learner's first report after each (re)start, once its weights are on every actor."""
+
+    version: int
+    """The policy_version it starts from (0, or the restored checkpoint's)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LearnerStep:
     """What the learner reports after each optimizer step; the driver logs it."""
 
     step: int
@@ -225,23 +245,80 @@ class LearnerStepRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class LearnerFinished:
+    """The learner's last report: it stopped (step budget met, or the buffer closed) at `version`."""
+
+    version: int
+    checkpoint_path: str = ""
+    """The checkpoint it wrote at shutdown (empty when the last step's checkpoint already covers it)."""
+
+
+LearnerReport = LearnerStarted | LearnerStep | LearnerFinished
+"""What travels on the report queue from learner rank 0 to the driver, in order."""
+
+
+@dataclass(frozen=True, slots=True)
+class BufferStats:
+    """The replay buffer's counters and state (the driver logs them every step)."""
+
+    depth: int
+    bytes: int
+    reserved: int
+    num_put: int
+    num_taken: int
+    num_evicted: int
+    num_released: int
+    learner_version: int
+    synced_version: int
+    taken_staleness: dict[int, int] = field(default_factory=dict)
+    """Histogram {staleness: groups} of every group taken so far."""
+
+
+_JUDGE_FLAGS = ("breaker_open", "latency_p50_s", "latency_p99_s")
+
+
+@dataclass(slots=True)
 class JudgeStats:
-    """Counters of one reward replica since it started (the driver differences them per step)."""
+    """The judge's counters: one type for every part that counts. The judge client (requests, cache,
+    fallbacks, latency), the verifier pool (verifications) and the group scorer (groups) each count into
+    their own; `merge` sums them, a reward replica reports the merge of its parts and the service the
+    merge of its replicas; the driver differences two snapshots per step. Counters are cumulative."""
 
     num_groups: int = 0
     num_requests: int = 0
     """Judge LLM requests sent (cache hits excluded)."""
     num_cache_hits: int = 0
-    num_failures: int = 0
-    """Judgements that fell back (after retries): timeouts + errors + unparseable + breaker_open."""
     num_timeouts: int = 0
     num_errors: int = 0
     num_unparseable: int = 0
     num_breaker_rejections: int = 0
     num_k_mismatch: int = 0
     """Judgements whose tag count K differed from the number of annotations m."""
+    num_verify_calls: int = 0
     num_verify_timeouts: int = 0
-    """Accuracy verifications that overran the timeout or whose worker died; scored 0."""
+    """Accuracy verifications that overran the timeout (scored 0)."""
+    num_verify_crashes: int = 0
+    """Accuracy verifications whose worker process died (scored 0)."""
+    num_verify_restarts: int = 0
     breaker_open: bool = False
     latency_p50_s: float = 0.0
     latency_p99_s: float = 0.0
+
+    @property
+    def num_failures(self) -> int:
+        """Judgements that fell back (after retries): timeouts + errors + unparseable + breaker rejections."""
+        return self.num_timeouts + self.num_errors + self.num_unparseable + self.num_breaker_rejections
+
+    @staticmethod
+    def merge(parts: Sequence[JudgeStats]) -> JudgeStats:
+        """Counters summed; the breaker open if any part's is; latency percentiles the worst part's."""
+        out = JudgeStats()
+        for f in fields(JudgeStats):
+            values = [getattr(p, f.name) for p in parts]
+            if f.name == "breaker_open":
+                setattr(out, f.name, any(values))
+            elif f.name in _JUDGE_FLAGS:
+                setattr(out, f.name, max(values, default=0.0))
+            else:
+                setattr(out, f.name, sum(values))
+        return out

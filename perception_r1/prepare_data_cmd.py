@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args, stages)
     import asyncio
 
+    from core.openai_calls import FatalEndpointError
     from dataprep.loaders import LoadResult, read_prompts
-    from dataprep.openai_calls import FatalEndpointError
     from dataprep.pipeline import prepare
 
     loaded = read_prompts(args.input, on_bad_row=args.on_bad_row)
@@ -108,7 +108,7 @@ def _validate(args: argparse.Namespace, stages: tuple[str, ...]) -> None:
 
 
 def _settings(args: argparse.Namespace, stages: tuple[str, ...]):
-    from dataprep.openai_calls import Endpoint
+    from core.openai_calls import Endpoint
     from dataprep.pipeline import Settings
 
     def endpoint(prefix: str) -> Endpoint:

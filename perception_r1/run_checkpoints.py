@@ -15,8 +15,8 @@ from pathlib import Path
 
 import msgpack
 
-from replay import codec
-from replay.records import ScoredGroup
+from core import codec
+from core.records import ScoredGroup
 from perception_r1.stream import StreamState
 
 log = logging.getLogger("perception_r1")

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from perception_r1.config import Config
+from core.config import Config
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
@@ -40,15 +40,21 @@ def parse_config(raw: dict, *, source: str = "<config>") -> Config:
         raise ValueError(f"{source}: invalid config\n{_explain(e)}") from None
 
 
+MOVED_KEYS = {"learner.loss.drop_uniform_groups": "buffer.drop_uniform_groups"}
+"""Keys that moved to another section: a config that still uses the old place is told the new one."""
+
+
 def _explain(error: ValidationError) -> str:
     lines = []
     for err in error.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            lines.append(f"  {where}: unknown key; remove it or check its spelling against perception_r1/config.py")
+        if err["type"] == "extra_forbidden" and where in MOVED_KEYS:
+            lines.append(f"  {where}: this key moved; write it as {MOVED_KEYS[where]}")
+        elif err["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key; remove it or check its spelling against core/config.py")
         elif err["type"] == "union_tag_not_found":
             lines.append(f"  {where}: `type:` is missing; add it (its values are the `type` literals of the "
-                         f"{where} classes in perception_r1/config.py)")
+                         f"{where} classes in core/config.py)")
         elif err["type"] == "value_error":
             lines.append(f"  {where}: {err['msg'].removeprefix('Value error, ')}")
         else:

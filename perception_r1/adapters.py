@@ -1,0 +1,93 @@
+"""Ray handles as the seams the driver's loop is typed against (`core/seams.py`): the only place where
+the loop's calls become `.remote()` calls and Ray's exceptions become the seams' own. The loop
+(orchestrator.py, session.py) imports no Ray, so tests drive it with in-process fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import ray
+from ray.util.queue import Empty, Queue
+
+from core.records import (
+    BufferStats,
+    GenerationStats,
+    LearnerReport,
+    Prompt,
+    RolloutGroup,
+    ScoredGroup,
+)
+from core.seams import GeneratorLost, PromptsRefused
+from replay.buffer import entry_meta
+
+
+class RayGenerator:
+    """A generation actor handle as a `core.seams.Generator`."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    async def generate(self, prompts: Sequence[Prompt]) -> list[RolloutGroup]:
+        try:
+            return await self.handle.generate.remote(list(prompts))
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            raise GeneratorLost(type(e).__name__) from e
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e, ValueError):  # Ray keeps the cause's type: the engine refused the prompts
+                raise PromptsRefused(str(e.cause)) from e
+            raise  # another failure of the call, an instance of its cause's type too
+
+    async def stats(self) -> GenerationStats:
+        return await self.handle.stats.remote()
+
+
+class RayBuffer:
+    """The replay buffer actor as a `core.seams.Buffer`: a group goes into the object store once
+    (`ray.put`); the buffer holds only its ref, the learner fetches it."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    async def reserve(self, n: int) -> bool:
+        return await self.handle.reserve.remote(n)
+
+    async def release(self, n: int) -> None:
+        await self.handle.release.remote(n)
+
+    async def put(self, scored: ScoredGroup) -> bool:
+        return await self.handle.put.remote([ray.put(scored)], entry_meta(scored))
+
+    async def close(self) -> None:
+        await self.handle.close.remote()
+
+    async def stats(self) -> BufferStats:
+        return await self.handle.stats.remote()
+
+    async def pop_evicted_seqs(self) -> list[int]:
+        return await self.handle.pop_evicted_seqs.remote()
+
+    async def pop_lost_seqs(self) -> list[int]:
+        return await self.handle.pop_lost_seqs.remote()
+
+    async def buffered(self) -> list[ScoredGroup]:
+        entries = await self.handle.buffered_refs.remote()
+        return list(await asyncio.gather(*[refs[0] for refs, _ in entries]))
+
+
+class RayReports:
+    """The driver's end of the learner's report queue (a `ray.util.queue.Queue`) as a `core.seams.ReportSource`."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    async def get(self, *, timeout_s: float) -> LearnerReport | None:
+        try:
+            return await self.queue.get_async(block=True, timeout=timeout_s)
+        except Empty:
+            return None
+
+    async def empty(self) -> bool:
+        return await self.queue.actor.empty.remote()
+

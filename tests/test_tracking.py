@@ -1,0 +1,62 @@
+"""Metric sinks (perception_r1/tracking.py): the fan-out calls every sink through explicit methods and
+survives a failing one (counted); a new experiment in a sqlite store keeps its artifacts beside the
+database, not in the working directory."""
+
+from pathlib import Path
+
+from perception_r1.tracking import ConsoleSink, FanOut, use_experiment
+
+
+class Recording:
+    def __init__(self):
+        self.calls = []
+
+    def log_metrics(self, step, metrics):
+        self.calls.append(("metrics", step))
+
+    def log_dict(self, data, *, artifact_file):
+        self.calls.append(("dict", artifact_file))
+
+    def log_table(self, table, *, artifact_file):
+        self.calls.append(("table", artifact_file))
+
+    def log_checkpoint(self, path, *, version):
+        self.calls.append(("checkpoint", version))
+
+    def close(self, *, status):
+        self.calls.append(("close", status))
+
+
+class Broken(Recording):
+    def log_metrics(self, step, metrics):
+        raise OSError("disk full")
+
+
+def test_fan_out_reaches_every_sink_and_survives_a_broken_one(caplog):
+    good, broken, lines = Recording(), Broken(), []
+    fan = FanOut([broken, good, ConsoleSink(write=lines.append)])
+    fan.log_metrics(3, {"reward/total": 0.5})
+    fan.log_dict({"1": 2}, artifact_file="h.json")
+    fan.log_table({"a": [1]}, artifact_file="t.json")
+    fan.log_checkpoint("/c", version=4)
+    fan.close(status="FINISHED")
+    assert good.calls == [("metrics", 3), ("dict", "h.json"), ("table", "t.json"), ("checkpoint", 4),
+                          ("close", "FINISHED")]
+    assert fan.failures == 1 and "Broken.log_metrics failed" in caplog.text and "disk full" in caplog.text
+    assert lines == ["step 3: total=0.5"]
+
+
+def test_a_new_sqlite_experiment_keeps_its_artifacts_beside_the_database(tmp_path, monkeypatch):
+    import mlflow
+
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    store = tmp_path / "store"
+    store.mkdir()
+    use_experiment(f"sqlite:///{store / 'mlflow.db'}", "beside-the-db")
+    with mlflow.start_run():
+        mlflow.log_dict({"a": 1}, "a.json")
+    assert list(store.glob("mlruns/*/artifacts/a.json")) and not list(elsewhere.iterdir())
+    use_experiment(f"sqlite:///{store / 'mlflow.db'}", "beside-the-db")  # exists: reused, not created again
+    assert mlflow.get_experiment_by_name("beside-the-db").artifact_location == (store / "mlruns").as_uri()
