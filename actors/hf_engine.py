@@ -1,5 +1,8 @@
 """The CPU generation engine: transformers `generate` on a Qwen2.5-VL loaded by path, n samples per
 prompt, behaviour logprobs from the processed scores (the distribution each token was drawn from).
+The prompts of one call are decoded together, left-padded into one batch of prompts x n rows: a
+decode step costs little more for more rows, so a call of 4 prompts takes about half the time of 4
+calls of one (measured on the tiny model: 8 / 16 / 32 rows of 96 tokens in 0.49 / 0.60 / 0.91 s).
 
 Weights arrive through the learner's broadcast group (`core.weights`) into a staging copy while
 generate() may be running; `apply_staged_weights()` swaps them in at the next safe point.
@@ -58,27 +61,30 @@ class HFEngine:
         return self._version
 
     # ------------------------------------------------------------------------------------ generate
-    @torch.no_grad()
+    @torch.inference_mode()  # cheaper per op than no_grad: no version counters or view tracking
     def generate(self, prompts: Sequence[Prompt], *, sampling: Sampling, actor_id: int) -> list[RolloutGroup]:
-        return [self._generate_one(p, sampling=sampling, actor_id=actor_id, seed=sampling.seed + i)
-                for i, p in enumerate(prompts)]
-
-    def _generate_one(self, prompt: Prompt, *, sampling: Sampling, actor_id: int, seed: int) -> RolloutGroup:
+        """Every prompt's n rollouts from one batched `generate`. A prompt the engine cannot use
+        (vl.PromptTooLong, a bad image) raises ValueError for the whole call."""
         start = time.perf_counter()
-        inputs = vl.encode_prompt(self.processor, prompt, data=self.data)
-        kwargs = {k: v.to(self.device) for k, v in inputs.generate_kwargs().items()}
-        torch.manual_seed(seed)
+        encoded = [vl.encode_prompt(self.processor, p, data=self.data) for p in prompts]
+        kwargs = {k: v.to(self.device) for k, v in _left_padded(encoded, pad_id=self.pad_id).items()}
+        torch.manual_seed(sampling.seed)
         greedy = sampling.temperature == 0
         out = self.model.generate(
             **kwargs, do_sample=not greedy, temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p, top_k=0, num_return_sequences=sampling.n,
             max_new_tokens=sampling.max_new_tokens, output_scores=True, return_dict_in_generate=True,
             eos_token_id=self.eos_id, pad_token_id=self.pad_id, suppress_tokens=self.suppressed)
-        completions = out.sequences[:, inputs.num_tokens:]
-        logprobs = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # [n, T, V], processed scores
-        rollouts = tuple(self._rollout(completions[i], logprobs[i]) for i in range(sampling.n))
-        return RolloutGroup(prompt=prompt, prompt_token_ids=inputs.input_ids.numpy().astype(np.int32),
-                            rollouts=rollouts, actor_id=actor_id, generate_seconds=time.perf_counter() - start)
+        completions = out.sequences[:, kwargs["input_ids"].shape[1]:]  # row i * n + j: prompt i, sample j
+        logprobs = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # [rows, T, V], processed scores
+        seconds = time.perf_counter() - start
+        groups = []
+        for i, (prompt, inputs) in enumerate(zip(prompts, encoded)):
+            rows = range(i * sampling.n, (i + 1) * sampling.n)
+            groups.append(RolloutGroup(prompt=prompt, prompt_token_ids=inputs.input_ids.numpy().astype(np.int32),
+                                       rollouts=tuple(self._rollout(completions[r], logprobs[r]) for r in rows),
+                                       actor_id=actor_id, generate_seconds=seconds))
+        return groups
 
     def _rollout(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> Rollout:
         """Cut at the first EOS (kept) and pick each sampled token's logprob."""
@@ -124,3 +130,21 @@ class HFEngine:
     @property
     def sync_ranks(self) -> int:
         return 1
+
+
+def _left_padded(encoded: list[vl.PromptInputs], *, pad_id: int) -> dict[str, torch.Tensor]:
+    """One batch of prompts for `generate`, left-padded so every completion starts at the same column;
+    the attention mask hides the padding (rope positions follow it, so each row sees what it would alone)."""
+    if len(encoded) == 1:
+        return encoded[0].generate_kwargs()
+    width = max(e.num_tokens for e in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    mm_token_type_ids = torch.zeros((len(encoded), width), dtype=encoded[0].mm_token_type_ids.dtype)
+    for row, e in enumerate(encoded):
+        input_ids[row, width - e.num_tokens:] = e.input_ids
+        attention_mask[row, width - e.num_tokens:] = 1
+        mm_token_type_ids[row, width - e.num_tokens:] = e.mm_token_type_ids
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids,
+            "pixel_values": torch.cat([e.pixel_values for e in encoded]),
+            "image_grid_thw": torch.cat([e.image_grid_thw for e in encoded])}

@@ -380,6 +380,12 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         problems.append(
             f"learner.prompts_per_step ({cfg.learner.prompts_per_step}) exceeds buffer.max_groups "
             f"({cfg.buffer.max_groups}): a batch could never fill; raise buffer.max_groups")
+    window = (cfg.buffer.max_staleness + 1) * cfg.learner.prompts_per_step
+    if cfg.rollout.prompts_per_call > min(window, cfg.buffer.max_groups):
+        problems.append(
+            f"rollout.prompts_per_call ({cfg.rollout.prompts_per_call}) exceeds what the buffer lets one call reserve "
+            f"(min of (buffer.max_staleness + 1) x learner.prompts_per_step = {window} and buffer.max_groups = "
+            f"{cfg.buffer.max_groups}): generation would wait forever; lower rollout.prompts_per_call")
     if cfg.learner.num_minibatches > cfg.learner.prompts_per_step:
         problems.append(
             f"learner.num_minibatches ({cfg.learner.num_minibatches}) exceeds learner.prompts_per_step "

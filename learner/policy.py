@@ -1,10 +1,13 @@
 """The policy as the learner holds it: loading (fp32 master weights, optional frozen vision tower,
 activation checkpointing, FSDP2 `fully_shard` per block with mixed precision) and the forward pass
 that turns rollouts into per-token log-probabilities, in micro-batches bounded by a token budget.
+On CPU a group's rollouts share one pass over their prompt and image (its KV cache), which halves the
+demo's learner step (prompts are ~60% of its tokens); GPUs run every sequence whole for now.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -48,10 +51,24 @@ def micro_batches(seqs: list[Sequence], *, max_tokens: int) -> list[list[Sequenc
     return batches
 
 
+def prompt_runs(seqs: list[Sequence]) -> list[list[Sequence]]:
+    """Consecutive sequences of one prompt: the rollouts of a group, which share its prompt tensors."""
+    runs: list[list[Sequence]] = []
+    for s in seqs:
+        if runs and s.prompt_ids is runs[-1][0].prompt_ids and s.pixel_values is runs[-1][0].pixel_values:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    return runs
+
+
 @dataclass(slots=True)
 class PackedBatch:
     inputs: dict[str, Tensor]
-    """Forward kwargs: input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, logits_to_keep."""
+    """Forward kwargs of the distinct prompts, one row each, left-padded to Pmax: input_ids,
+    attention_mask, pixel_values, image_grid_thw, mm_token_type_ids."""
+    prompt_row: Tensor
+    """int64 [B]: the row of `inputs` that holds sequence b's prompt."""
     completion_ids: Tensor
     """int64 [B, Tmax], right-padded with 0."""
     completion_mask: Tensor
@@ -65,41 +82,89 @@ class PackedBatch:
 
 def pack(seqs: list[Sequence], *, pad_id: int, image_token_id: int, suppressed: list[int],
          device: torch.device) -> PackedBatch:
-    """Prompts left-padded to a common end column Pmax, completions right-padded after it:
+    """Each distinct prompt once, left-padded to a common end column Pmax, and the completions
+    right-padded to Tmax; sequence b is the prompt row `prompt_row[b]` followed by completion b:
 
-        row b = [pad x (Pmax - P_b), prompt_b, completion_b, pad x (Tmax - T_b)]
-
-    so the logits predicting completion token t sit at column Pmax - 1 + t in every row, and the
-    forward computes the LM head only there (`logits_to_keep`).
+        prompt row r = [pad x (Pmax - P_r), prompt_r]        completion b = [completion_b, 0 x (Tmax - T_b)]
     """
-    pmax = max(len(s.prompt_ids) for s in seqs)
+    runs = prompt_runs(seqs)
+    pmax = max(len(run[0].prompt_ids) for run in runs)
     tmax = max(len(s.completion_ids) for s in seqs)
-    shape = (len(seqs), pmax + tmax)
-    input_ids, attention = torch.full(shape, pad_id, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
+    input_ids = torch.full((len(runs), pmax), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(runs), pmax), dtype=torch.long)
+    for r, run in enumerate(runs):
+        p = len(run[0].prompt_ids)
+        input_ids[r, pmax - p:], attention[r, pmax - p:] = run[0].prompt_ids, 1
     completion = torch.zeros((len(seqs), tmax), dtype=torch.long)
     mask, behaviour = torch.zeros((len(seqs), tmax)), torch.zeros((len(seqs), tmax))
     for b, s in enumerate(seqs):
-        p, t = len(s.prompt_ids), len(s.completion_ids)
-        input_ids[b, pmax - p: pmax + t] = torch.cat([s.prompt_ids, s.completion_ids])
-        attention[b, pmax - p: pmax + t] = 1
+        t = len(s.completion_ids)
         completion[b, :t], mask[b, :t], behaviour[b, :t] = s.completion_ids, 1.0, s.behaviour_logprobs
     inputs = {
         "input_ids": input_ids, "attention_mask": attention,
-        "pixel_values": torch.cat([s.pixel_values for s in seqs]),
-        "image_grid_thw": torch.cat([s.image_grid_thw for s in seqs]),
+        "pixel_values": torch.cat([run[0].pixel_values for run in runs]),
+        "image_grid_thw": torch.cat([run[0].image_grid_thw for run in runs]),
         "mm_token_type_ids": (input_ids == image_token_id).long(),
-        "logits_to_keep": torch.arange(pmax - 1, pmax - 1 + tmax),
     }
+    prompt_row = torch.tensor([r for r, run in enumerate(runs) for _ in run], dtype=torch.long)
     advantages = torch.tensor([s.advantage for s in seqs], dtype=torch.float32)
     move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-    return PackedBatch({k: move(v) for k, v in inputs.items()}, move(completion), move(mask), move(behaviour),
-                       move(advantages), move(torch.tensor(suppressed, dtype=torch.long)))
+    return PackedBatch({k: move(v) for k, v in inputs.items()}, move(prompt_row), move(completion), move(mask),
+                       move(behaviour), move(advantages), move(torch.tensor(suppressed, dtype=torch.long)))
 
 
 def completion_logits(model: torch.nn.Module, batch: PackedBatch) -> Tensor:
-    """[B, Tmax, V]: the logits that predict each completion token, suppressed tokens at -inf."""
-    logits = model(**batch.inputs, use_cache=False).logits
+    """[B, Tmax, V]: the logits that predict each completion token, suppressed tokens at -inf.
+
+    On CPU each distinct prompt (and its image) goes through the model once and its completions run
+    on top of its KV cache, so a group's n rollouts pay for the prompt once instead of n times.
+    Otherwise (GPU: not yet measured there; activation checkpointing, which drops the cache) every
+    sequence runs whole, `[prompt, completion]` as one row. The logits are the same either way: the
+    completions get the rope positions that follow their prompt in both.
+    """
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    if (batch.completion_ids.device.type != "cpu" or batch.completion_ids.shape[1] < 2
+            or (checkpointing and model.training and torch.is_grad_enabled())):  # transformers' rule for no cache
+        logits = _whole_sequence_logits(model, batch)
+    else:
+        logits = _shared_prompt_logits(model, batch)
     return logits.index_fill(-1, batch.suppressed, float("-inf"))
+
+
+def _shared_prompt_logits(model: torch.nn.Module, batch: PackedBatch) -> Tensor:
+    prompts, row = batch.inputs, batch.prompt_row
+    positions, deltas = model.model.get_rope_index(
+        prompts["input_ids"], mm_token_type_ids=prompts["mm_token_type_ids"],
+        image_grid_thw=prompts["image_grid_thw"], attention_mask=prompts["attention_mask"])
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    head = model(**prompts, position_ids=positions, use_cache=True, logits_to_keep=1)  # predicts token 0
+    cache = getattr(head, cache_name)
+    if cache is None or cache.get_seq_length() != prompts["input_ids"].shape[1]:
+        raise RuntimeError("the prompt forward returned no KV cache; the completions cannot attend to the prompt")
+    cache.batch_select_indices(row)  # differentiable: gradients of all completions flow back to one prompt pass
+    tmax = batch.completion_ids.shape[1]
+    # text after the prompt: position = index among the prompt's tokens + the prompt's rope delta
+    first = prompts["attention_mask"].sum(dim=1) + deltas.reshape(-1).to(positions.device)
+    positions = (first[row, None] + torch.arange(tmax, device=row.device)).expand(3, -1, -1)
+    attention = torch.cat([prompts["attention_mask"][row], batch.completion_mask.long()], dim=1)
+    tail = model(input_ids=batch.completion_ids, attention_mask=attention, position_ids=positions,
+                 use_cache=True, logits_to_keep=torch.arange(tmax - 1, device=row.device), **{cache_name: cache})
+    return torch.cat([head.logits[row], tail.logits], dim=1)
+
+
+def _whole_sequence_logits(model: torch.nn.Module, batch: PackedBatch) -> Tensor:
+    prompts, row = batch.inputs, batch.prompt_row
+    pmax, tmax = prompts["input_ids"].shape[1], batch.completion_ids.shape[1]
+    images = prompts["pixel_values"].split(prompts["image_grid_thw"].prod(dim=-1).tolist())
+    inputs = {
+        "input_ids": torch.cat([prompts["input_ids"][row], batch.completion_ids], dim=1),
+        "attention_mask": torch.cat([prompts["attention_mask"][row], batch.completion_mask.long()], dim=1),
+        "mm_token_type_ids": torch.cat([prompts["mm_token_type_ids"][row], torch.zeros_like(batch.completion_ids)], 1),
+        "pixel_values": torch.cat([images[r] for r in row.tolist()]),
+        "image_grid_thw": prompts["image_grid_thw"][row],
+    }
+    keep = torch.arange(pmax - 1, pmax - 1 + tmax, device=row.device)  # the columns predicting completion tokens
+    return model(**inputs, use_cache=False, logits_to_keep=keep).logits
 
 
 def load_policy(model_path: str, *, cfg: LearnerConfig, device: torch.device,

@@ -126,7 +126,7 @@ def build_actors(cfg: Config, model_path: str) -> list:
         concurrency = 1 if isinstance(r.engine, HFEngineConfig) else r.max_inflight_per_actor
         actor_class = remote_class(generate_concurrency=concurrency)
         actors.append(actor_class.options(num_gpus=r.num_gpus_per_actor, max_restarts=r.max_restarts,
-                                          name=f"generator-{i}", max_task_retries=0)
+                                          name=f"{cfg.run.name}:generator-{i}", max_task_retries=0)
                       .remote(actor_id=i, build_engine=build, sampling=sampling))
     return actors
 
@@ -149,7 +149,7 @@ def build_engine(*, cfg: Config, model_path: str):
 
 def build_buffer(cfg: Config, *, initial_version: int):
     b = cfg.buffer
-    return ray.remote(num_cpus=0)(ReplayBuffer).options(name="replay-buffer").remote(
+    return ray.remote(num_cpus=0)(ReplayBuffer).options(name=f"{cfg.run.name}:replay-buffer").remote(
         max_staleness=b.max_staleness, groups_per_step=cfg.learner.prompts_per_step, max_groups=b.max_groups,
         max_bytes=b.max_bytes, initial_version=initial_version)
 
@@ -210,10 +210,11 @@ def _find_resume(run_dir: Path, *, resume: bool):
 
 
 def _run(cfg: Config, *, model_path: str, prompts: list, run_dir: Path, restored) -> RunResult:
+    """Start-up overlaps its slow parts: the actors load their engines and Ray Train brings the learner up
+    (the slowest part) while the judge's Serve apps deploy; the loops start once the judge answers."""
     ckpt_path, state = restored if restored else (None, None)
     stream = PromptStream(prompts, shuffle_seed=cfg.data.shuffle_seed, state=state.stream if state else None)
     sinks, mlflow_sink = build_sinks(cfg, run_dir, resume=restored is not None)  # fail fast on a bad URI
-    judge = start_judge(cfg.judge)
     buffer = build_buffer(cfg, initial_version=state.version if state else 0)
     actors = build_actors(cfg, model_path)
     reports = Queue(actor_options={"num_cpus": 0})
@@ -221,48 +222,63 @@ def _run(cfg: Config, *, model_path: str, prompts: list, run_dir: Path, restored
                            actors=actors, reports=reports, checkpoint_root=str((run_dir / "checkpoints").resolve()),
                            resume_from=str(ckpt_path) if ckpt_path else None,
                            weight_transport="torch" if isinstance(cfg.rollout.engine, HFEngineConfig) else "vllm")
-    session = Session(cfg, stream=stream, generators=[RayGenerator(a) for a in actors], scorer=judge,
-                      buffer=RayBuffer(buffer), reports=RayReports(reports), sinks=sinks,
-                      start_version=state.version if state else 0, buffered=state.buffered if state else [],
-                      ledger=run_dir / "trained.jsonl")
-    trainer = build_trainer(cfg, wiring, run_dir)
-    status = "FAILED"
+    status, judge, session = "FAILED", None, None
     try:
-        stopped = _run_until_done(session, trainer)
+        learner = LearnerThread(build_trainer(cfg, wiring, run_dir))
+        judge = start_judge(cfg.judge)
+        session = Session(cfg, stream=stream, generators=[RayGenerator(a) for a in actors], scorer=judge,
+                          buffer=RayBuffer(buffer), reports=RayReports(reports), sinks=sinks,
+                          start_version=state.version if state else 0, buffered=state.buffered if state else [],
+                          ledger=run_dir / "trained.jsonl")
+        stopped = _run_until_done(session, learner)
         status = "KILLED" if stopped else "FINISHED"
     finally:
         sinks.close(status=status)
-        judge.stop()
-        for handle in [buffer, reports.actor, *actors]:
+        if judge is not None:
+            judge.stop()
+        for handle in [buffer, reports.actor, *actors]:  # a learner still starting fails on these and ends
             ray.kill(handle)
     return RunResult(run_dir=run_dir, final_version=session.version, steps_logged=session.steps_logged,
                      mlflow_run_id=mlflow_sink.run_id, counters=dict(session.counters()), stopped_early=stopped,
                      history=session.history)
 
 
-def _run_until_done(session: Session, trainer: TorchTrainer) -> bool:
-    """Learner in a thread (Ray Train's fit blocks), loops on asyncio; SIGINT/SIGTERM request a stop."""
-    result: dict = {}
-    fit = threading.Thread(target=lambda: result.update(out=_fit(trainer)), name="learner-fit", daemon=True)
-    fit.start()
+class LearnerThread:
+    """Ray Train's blocking `fit()` in a daemon thread, started at once; `error()` is what it raised."""
+
+    def __init__(self, trainer: TorchTrainer) -> None:
+        self.result: dict = {}
+        self.thread = threading.Thread(target=lambda: self.result.update(out=_fit(trainer)), name="learner-fit",
+                                       daemon=True)
+        self.thread.start()
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def error(self) -> BaseException | None:
+        out = self.result.get("out")
+        return out if isinstance(out, BaseException) else None
+
+
+def _run_until_done(session: Session, learner: LearnerThread) -> bool:
+    """The loops on asyncio while the learner runs; SIGINT/SIGTERM request a stop."""
     loop = asyncio.new_event_loop()
     signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     for sig in signals:  # a caller running train() in a thread keeps its own signal handling
         loop.add_signal_handler(sig, session.request_stop)
     try:
-        loop.run_until_complete(session.run(learner_alive=fit.is_alive))
+        loop.run_until_complete(session.run(learner_alive=learner.alive))
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
         loop.close()
-    fit.join(timeout=120)
-    error = result.get("out")
-    if isinstance(error, BaseException):
-        raise RuntimeError(f"the learner failed: {error}") from error
+    learner.thread.join(timeout=120)
+    if learner.error() is not None:
+        raise RuntimeError(f"the learner failed: {learner.error()}") from learner.error()
     return session.stop_requested
 
 
-def _fit(trainer):
+def _fit(trainer: TorchTrainer) -> BaseException | None:
     try:
         trainer.fit()
         return None

@@ -17,8 +17,9 @@ capacity; both wake reserve(), which wakes the dispatch loop. Generation never w
 beyond the window `max_staleness` allows; learning waits only for admissible groups.
 Nothing is lost silently: a call whose actor died (GeneratorLost) releases its reservations and
 requeues its prompts; a call the engine refused (PromptsRefused: a prompt over
-data.max_prompt_tokens, an image it cannot use) or that failed otherwise releases them and counts its
-prompts as skipped (by kind); a dropped or evicted group is counted; every seq ends trained, dropped,
+data.max_prompt_tokens, an image it cannot use) is split into one call per prompt, and a prompt refused
+alone, or a call that failed otherwise, releases its reservations and counts its prompts as skipped
+(by kind); a dropped or evicted group is counted; every seq ends trained, dropped,
 evicted, skipped or pending.
 
 The loop talks only to the seams of `core/seams.py` (Ray handles come through perception_r1/adapters.py),
@@ -100,7 +101,15 @@ class Orchestrator:
         except GeneratorLost as e:
             await self._lost(idx, seqs, e)
             return
-        except Exception as e:  # noqa: BLE001 -- refused or failed: counted by kind, never retried
+        except PromptsRefused as e:
+            if len(batch) > 1:  # one bad prompt refuses the call: find it, each prompt in a call of its own
+                self.counters["refused_calls_split"] += 1
+                for item in batch:
+                    self._spawn(self._generate_alone(item))
+            else:
+                await self._skipped(idx, seqs, e)
+            return
+        except Exception as e:  # noqa: BLE001 -- failed otherwise: counted by kind, never retried
             await self._skipped(idx, seqs, e)
             return
         finally:
@@ -109,6 +118,10 @@ class Orchestrator:
                 self.slot_freed.notify_all()
         for seq, group in zip(seqs, groups):
             self._spawn(self._score_and_put(dataclasses.replace(group, seq=seq)))
+
+    async def _generate_alone(self, item: tuple) -> None:
+        """One prompt of a refused call, on the next free actor (its reservation is already held)."""
+        await self._generate(await self._free_actor(), [item])
 
     async def _lost(self, idx: int, seqs: list[int], error: GeneratorLost) -> None:
         """The actor died mid-call: its prompts go back to the stream (Ray restarts the actor)."""

@@ -141,6 +141,8 @@ class Session:
         learner is in the ledger by now: of the batch it had taken, the seqs not trained go back to the stream."""
         self.learner_starts += 1
         if self.learner_starts == 1:
+            self.window_start = time.perf_counter()  # start-up is not part of the first step's time
+            log.info("the learner is up at version %d; training", version)
             return
         lost = [seq for seq in await self.buffer.pop_lost_seqs() if seq in self.stream.outstanding]
         self.stream.requeue(lost)

@@ -1,6 +1,8 @@
-"""Shared fixtures: the tiny model (built once per session) and a local Ray cluster (one per module)."""
+"""Shared fixtures: the tiny model (built once per session) and one local Ray cluster shared by the
+in-process tests (see `shared_ray`)."""
 
 import os
+import socket
 
 import pytest
 
@@ -23,13 +25,70 @@ def tiny_model_dir(tiny_model_path) -> str:
     return str(tiny_model_path)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
+def free_port() -> int:
+    """A port free now on loopback (for a run's Serve HTTP proxy: tests may run side by side)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shared_ray():
+    """One local Ray cluster for every in-process test, started on first use and kept between tests
+    (start-up is most of a short test's time on 2 cores). A test that needs a cluster of its own calls
+    `ray.shutdown()` first; the next user starts a fresh shared one."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    yield ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=True,  # the state API (tests look up worker pids) needs it
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    return ray
+
+
+RAY_SINGLETONS = {"_AutoscalingCoordinatorActor"}
+"""Ray's own detached actors that outlive a run by design (Ray Train starts this one)."""
+
+
+def leave_shared_ray_clean() -> None:
+    """After a test: Serve down (its proxy holds an HTTP port other tests' clusters need), and a fresh
+    cluster next time if anything of the test is still alive (e.g. a failed test's learner retrying)."""
+    import ray
+    from ray import serve
+    from ray.util.state import list_actors
+
+    if not ray.is_initialized():
+        return
+    serve.shutdown()
+    try:
+        alive = [a.class_name for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                                   filters=[("state", "=", "ALIVE")])]
+    except Exception:  # noqa: BLE001 -- no state API: start over rather than guess
+        alive = ["?"]
+    if [name for name in alive if name not in RAY_SINGLETONS]:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """The shared cluster for a module's tests (judge apps are started per module)."""
+    yield shared_ray()
+    leave_shared_ray_clean()
+
+
+@pytest.fixture
+def ray_local(monkeypatch, tmp_path):
+    """The shared cluster for one in-process training run, from the test's own folder."""
+    monkeypatch.chdir(tmp_path)
+    yield shared_ray()
+    leave_shared_ray_clean()
+
+
+@pytest.fixture
+def own_ray():
+    """For a test that starts a cluster of its own (its own ports, a fresh session): the shared one is stopped."""
+    import ray
+
+    ray.shutdown()
+    yield
     ray.shutdown()
 
 
@@ -49,10 +108,11 @@ _reliability_rows: list[tuple[str, str, str, str]] = []
 
 
 def pytest_runtest_logreport(report):
-    """Collect the outcome of every `reliability`-marked test (the README's Reliability table)."""
+    """Collect the outcome of every `reliability`-marked test (the README's Reliability table). The marker
+    travels in `user_properties`, which pytest-xdist carries from its workers to the controller."""
     if report.when != "call" and not (report.when == "setup" and report.outcome != "passed"):
         return
-    marker = next((m for m in getattr(report, "reliability", ())), None)
+    marker = dict(report.user_properties).get("reliability")
     if marker is not None:
         _reliability_rows.append((marker["fault"], marker["outcome"], report.outcome, report.nodeid.split("::")[-1]))
 
@@ -61,16 +121,21 @@ def pytest_runtest_logreport(report):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     marker = item.get_closest_marker("reliability")
-    if marker is not None:
-        outcome.get_result().reliability = [marker.kwargs]
+    report = outcome.get_result()
+    if marker is not None and "reliability" not in dict(report.user_properties):
+        report.user_properties.append(("reliability", dict(marker.kwargs)))
 
 
 def pytest_sessionfinish(session, exitstatus):
+    import sys
+
+    if "ray" in sys.modules:
+        sys.modules["ray"].shutdown()
     path = os.environ.get("PR1_RELIABILITY_REPORT")
-    if not path or not _reliability_rows:
+    if not path or not _reliability_rows or hasattr(session.config, "workerinput"):  # the controller writes it
         return
     lines = ["| fault injected | what happens | prompts lost or trained twice | test | result |", "|---|---|---|---|---|"]
-    for fault, outcome, result, name in _reliability_rows:
+    for fault, outcome, result, name in sorted(_reliability_rows, key=lambda row: row[3]):
         lines.append(f"| {fault} | {outcome} | 0 | `{name}` | {result} |")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")

@@ -267,6 +267,12 @@ CASES = [
     Case("pixels-swapped", config({"data": {"min_pixels": 10, "max_pixels": 5}}), says=("data.min_pixels (10) exceeds", "swap them")),
     Case("batch-never-fills", config({"learner": {"prompts_per_step": 100}, "buffer": {"max_groups": 10}}),
          says=("learner.prompts_per_step (100) exceeds buffer.max_groups (10)", "raise buffer.max_groups")),
+    Case("call-never-reserves", config({"rollout": {"prompts_per_call": 4}, "learner": {"prompts_per_step": 2},
+                                         "buffer": {"max_staleness": 0}}),
+         says=("rollout.prompts_per_call (4) exceeds what the buffer lets one call reserve", "= 2",
+               "lower rollout.prompts_per_call")),
+    Case("moved-key", config({"learner": {"loss": {"drop_uniform_groups": True}}}),
+         says=("learner.loss.drop_uniform_groups: this key moved; write it as buffer.drop_uniform_groups",)),
     # command line
     Case("cli-override-no-equals", cli("train", "{cfg}", "--set", "run.num_steps"),
          says=("perception-r1 train: error:", "'run.num_steps' must look like section.key=value")),

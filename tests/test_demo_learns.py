@@ -7,6 +7,7 @@ step's total reward scatters by ~0.12 around its trend and a 10-step window diff
 rose by +0.151 (total) and +0.131 (accuracy) there and by +0.153 / +0.103 in a separate run; the
 thresholds below sit about three of those standard deviations under what it measured."""
 
+import socket
 import statistics
 from pathlib import Path
 
@@ -20,19 +21,26 @@ MIN_RISE = {"reward/total": 0.0, "reward/accuracy": 0.0, "reward/visual": -0.05}
 """Last-window mean minus first-window mean must exceed these (visual: it must not fall)."""
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def window_rise(history: list[dict[str, float]], key: str) -> float:
     values = [m[key] for m in history]
     return statistics.mean(values[-WINDOW:]) - statistics.mean(values[:WINDOW])
 
 
-def test_the_demo_reward_rises_over_grpo_steps(tmp_path):
+def test_the_demo_reward_rises_over_grpo_steps(tmp_path, ray_local):
     from core.config_files import load_config
     from perception_r1.driver import train
 
     cfg = load_config(REPO / "configs" / "demo-cpu.yaml", [
         f"run.output_dir={tmp_path}", f"model.cache_dir={tmp_path}/tiny",
         f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db", "tracking.progress_bar=false",
-        "tracking.log_rollouts_every=0", "checkpoint.every_steps=0", "cluster.include_dashboard=false"])
+        "tracking.log_rollouts_every=0", "checkpoint.every_steps=0", "cluster.include_dashboard=false",
+        f"judge.http_port={free_port()}"])  # its own Serve port: tests may run side by side
     assert cfg.run.seed == 0 and cfg.sft.enabled
     result = train(cfg)
 

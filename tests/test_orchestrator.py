@@ -236,6 +236,16 @@ def test_a_refused_prompt_is_skipped_counted_and_its_reservation_released(tmp_pa
     assert len(ledger) == 8  # no stall: the two reservations went back
 
 
+def test_a_refused_prompt_in_a_batched_call_skips_only_itself(tmp_path):
+    """Calls of 2 prompts: the call holding p1 is refused whole, then split; p1 alone is skipped, its
+    call-mate is trained."""
+    session, ledger, _, _ = run_session(tmp_path, generators=lambda v: [FakeGenerator(0, v, refuse={"p1"})],
+                                        prompts_per_call=2)
+    assert session.counters()["skipped_prompts"] == 1 and session.counters()["refused_calls_split"] == 1
+    trained = trained_ids(ledger)
+    assert "p1" not in trained and "p0" in trained and len(ledger) == 6
+
+
 def test_other_generation_errors_are_released_and_counted_by_kind(tmp_path):
     session, ledger, _, sink = run_session(tmp_path, generators=lambda v: [FakeGenerator(0, v, fail={"p2"})])
     assert session.counters()["generate_errors/TypeError"] == 1 and session.counters()["skipped_prompts"] == 1

@@ -334,7 +334,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_api_key_stays_out_of_logs_mlflow_params_and_checkpoints(tmp_path, tiny_model_path, capfd, monkeypatch):
+def test_api_key_stays_out_of_logs_mlflow_params_and_checkpoints(tmp_path, tiny_model_path, capfd, monkeypatch,
+                                                                 own_ray):
     """A short CPU run with an external judge (a fake OpenAI-compatible server on loopback that checks the
     Authorization header); the key is only in an environment variable. Then every output is scanned."""
     import mlflow
