@@ -113,6 +113,9 @@ class JudgeClient:
         self.latencies: deque[float] = deque(maxlen=4096)
         self._cache: OrderedDict[tuple[str, tuple[str, ...]], Verdicts] = OrderedDict()
         self._client = None
+        self._retired: list = []
+        """Clients dropped after a connection error, closed once no attempt is using them."""
+        self._in_flight = 0
         self._semaphore: asyncio.Semaphore | None = None
 
     async def judge(self, response: str, annotations: tuple[str, ...]) -> Judgement:
@@ -149,8 +152,8 @@ class JudgeClient:
 
     async def close(self) -> None:
         if self._client is not None:
-            await self._client.close()
-            self._client = None
+            self._retire(self._client)
+        await self.close_retired()
 
     # ------------------------------------------------------------------------------------ internals
     def _fallback(self, error: str) -> Judgement:
@@ -186,6 +189,7 @@ class JudgeClient:
         import openai
 
         client = self._openai()
+        self._in_flight += 1
         try:
             reply = await asyncio.wait_for(client.chat.completions.create(
                 model=self.endpoint.model, messages=judge_messages(response, annotations),
@@ -194,16 +198,33 @@ class JudgeClient:
         except (asyncio.TimeoutError, openai.APITimeoutError) as e:
             raise _AttemptError("timeout", retry=True) from e
         except openai.APIConnectionError as e:
-            await self.close()  # drop the pool: after an endpoint restart every kept-alive connection is dead
+            self._retire(client)  # a new pool: after an endpoint restart every kept-alive connection is dead
             raise _AttemptError("connection", retry=True) from e
         except openai.APIStatusError as e:
             raise _AttemptError(f"http_{e.status_code}", retry=e.status_code >= 500 or e.status_code in _RETRY_STATUS) from e
         except Exception as e:  # noqa: BLE001 -- a body the client cannot read: counted as an error, not retried
             raise _AttemptError("bad_reply", retry=False) from e
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0 and self._retired:
+                await self.close_retired()
         content = _content(reply)
         if content is None:
             raise _AttemptError("bad_reply", retry=False)
         return content
+
+    def _retire(self, client) -> None:
+        """Stop handing out `client`; attempts still using it finish on it (closing it under them
+        would fail them as if the judge had answered garbage)."""
+        if self._client is client:
+            self._client = None
+        if client not in self._retired:
+            self._retired.append(client)
+
+    async def close_retired(self) -> None:
+        retired, self._retired = self._retired, []
+        for client in retired:
+            await client.close()
 
     def _openai(self):
         if self._client is None:

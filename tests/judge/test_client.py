@@ -61,6 +61,27 @@ def test_refused_connection_is_retried_then_falls_back(fake_judge):
     assert client.stats().num_errors == 1
 
 
+def test_judge_going_away_under_concurrent_calls_reads_as_connection_errors(fake_judge):
+    """Concurrent calls that all lose the judge: the first connection error replaces the client's
+    pool, but attempts still using the old one are not failed by its closing (they once read as
+    `bad_reply`: 'Cannot send a request, as the client has been closed')."""
+    client = _client(fake_judge)
+
+    async def rounds():
+        await asyncio.gather(*[client.judge(f"warm {i}", ITEMS) for i in range(4)])
+        fake_judge.stop()
+        errors = []
+        for r in range(10):
+            results = await asyncio.gather(*[client.judge(f"{r} {i}", ITEMS) for i in range(4)])
+            errors += [j.error for j in results]
+        await client.close()
+        return errors
+
+    errors = asyncio.run(rounds())
+    assert errors == ["connection"] * 40
+    assert client._client is None and client._retired == []
+
+
 def test_client_errors_are_not_retried(fake_judge):
     fake_judge.mode, fake_judge.status = "error", 400
     client = _client(fake_judge, max_retries=3)
