@@ -1,5 +1,6 @@
 """Typed records that cross process boundaries: prompt -> rollout group -> scored group -> train batch,
-and what the roles report about themselves (learner reports, buffer, generation and judge counters).
+and what the roles report about themselves (learner reports, buffer, generation and judge counters);
+also the type check every dataset and benchmark reader runs on a row's text fields (`text_field`).
 
 Every record is a dataclass, frozen except the judge's counters. Token ids and logprobs are numpy
 arrays (cheap to pickle into the Ray object store, encoded as raw bytes by `core.codec` where records
@@ -12,9 +13,11 @@ produced it.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from decimal import Decimal
 
 import numpy as np
 
@@ -59,6 +62,58 @@ def parse_annotations(text: str) -> tuple[str, ...]:
             break
         items.append(m.group(1).strip())
     return tuple(items)
+
+
+class BadField(ValueError):
+    """A dataset or benchmark row's field that cannot become a `Prompt` field. `reason` is the slug a
+    loader counts the skipped row under, `detail` says what is wrong naming the field, `fix` what to do."""
+
+    def __init__(self, reason: str, detail: str, fix: str) -> None:
+        super().__init__(f"{detail}; {fix}")
+        self.reason, self.detail, self.fix = reason, detail, fix
+
+
+def text_field(value: object, name: str, *, numbers: bool = False) -> str:
+    """A row's text field (`problem`, `answer`, an annotation, ...) as text, checked by type.
+
+    A string as is; UTF-8 bytes decoded (parquet binary columns); None and NaN (pandas' null) as "".
+    With `numbers`, an int, a decimal or a finite float becomes its text (`12`, `2.5`). Anything else, a
+    list, an object, a boolean, raises BadField (`wrong_type`) rather than becoming its Python text
+    (`['3']`, `True`), which no response would ever match.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadField("not_utf8", f"{name} is not UTF-8 ({e.reason} at byte {e.start})",
+                           "re-encode the text as UTF-8") from None
+    if numbers and _is_finite_number(value):
+        return str(value)
+    wanted = "a string or a number" if numbers else "a string"
+    raise BadField("wrong_type", f"{name} is {describe_type(value)}", f"{name} must be {wanted}")
+
+
+def _is_finite_number(value: object) -> bool:
+    if isinstance(value, bool):  # a subclass of int, but `True` is no answer
+        return False
+    if isinstance(value, int):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, Decimal) and value.is_finite()
+
+
+def describe_type(value: object) -> str:
+    """`a list (['3', '4'])`: a value's JSON kind and a short preview, for an error message."""
+    kinds = {bool: "a boolean", list: "a list", tuple: "a list", dict: "an object", str: "a string",
+             bytes: "bytes", int: "a number", float: "a number", Decimal: "a number"}
+    preview = repr(value)
+    preview = preview if len(preview) <= 40 else preview[:37] + "..."
+    return f"{kinds.get(type(value), type(value).__name__)} ({preview})"
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,15 @@ Annotations come from `visual_key_info` (a tagged string, or a list, docs/method
 `annotations` list; a non-empty `visual_key_info` without `<info1>` tags is kept as one annotation,
 as the reference's judge would read it whole. The solution comes from a `solution` or `cot` column.
 
-Bad rows (missing or unreadable image, empty answer, non-UTF-8 text, no single `<image>`) raise a
-ValueError naming the file, row and fix under `on_bad_row="raise"`, or are skipped and counted
-under `on_bad_row="skip"`. Malformed files, missing columns and duplicate ids always raise, and so
+Bad rows (missing or unreadable image, empty answer, non-UTF-8 text, no single `<image>`, a field of
+the wrong type, an image path outside the dataset's folder) raise a ValueError naming the file, row,
+field and fix under `on_bad_row="raise"`, or are skipped and counted under `on_bad_row="skip"`.
+Every format runs the same checks (`core.records.text_field`, `core.images`): `problem` a non-empty
+string, `answer` a string or a number (never a list, object or boolean read as its Python text),
+`annotations` a list of strings, `visual_key_info` a string or a list of strings, `id` a string or
+a number; an image is bytes, a path or an HF Image dict, and a path (relative to the file, or
+absolute) must resolve, symlinks followed, inside the dataset file's folder (a Geometry3K split
+folder for its diagrams). Malformed files, missing columns and duplicate ids always raise, and so
 does a file that yields no prompt. Nothing is unpickled: parquet is read through pyarrow, JSON by
 the json module.
 """
@@ -34,8 +40,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from core.images import BadImage, checked_image
-from core.records import IMAGE_PLACEHOLDER, Prompt, parse_annotations
+from core.images import checked_image, image_entry, inside_folder, read_image_file
+from core.records import (
+    IMAGE_PLACEHOLDER,
+    BadField,
+    Prompt,
+    describe_type,
+    parse_annotations,
+    text_field,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +66,8 @@ class SkippedRow:
     id: str
     reason: str
     """Short slug: missing_image, undecodable_image, missing_answer, missing_problem, not_utf8,
-    bad_placeholder, multiple_images, invalid_json, huge_image, elongated_image."""
+    bad_placeholder, multiple_images, invalid_json, huge_image, elongated_image, wrong_type,
+    image_outside_dataset, unreadable_image."""
     detail: str
 
 
@@ -66,12 +80,6 @@ class LoadResult:
 
     def skip_counts(self) -> dict[str, int]:
         return dict(Counter(s.reason for s in self.skipped))
-
-
-class _BadRow(Exception):
-    def __init__(self, reason: str, detail: str, fix: str) -> None:
-        super().__init__(detail)
-        self.reason, self.detail, self.fix = reason, detail, fix
 
 
 def load_prompts(path: str | Path, *, on_bad_row: BadRowPolicy = "skip") -> list[Prompt]:
@@ -97,7 +105,7 @@ def read_prompts(path: str | Path, *, on_bad_row: BadRowPolicy = "skip") -> Load
     for row, row_id, build in _rows(source, fmt):
         try:
             prompt = build(len(prompts))
-        except _BadRow as bad:
+        except BadField as bad:
             if on_bad_row == "raise":
                 raise ValueError(
                     f"{source}: row {row} ({row_id}): {bad.detail}; {bad.fix}, or load with on_bad_row='skip'"
@@ -137,7 +145,7 @@ def _is_geometry3k_split(path: Path) -> bool:
 
 
 def _rows(source: Path, fmt: str) -> Iterator[tuple[int, str, Any]]:
-    """(row, id, build) per row; build(index) makes the Prompt or raises _BadRow."""
+    """(row, id, build) per row; build(index) makes the Prompt or raises BadField."""
     if fmt == "parquet":
         yield from _parquet_rows(source)
     elif fmt == "jsonl":
@@ -160,8 +168,7 @@ def _parquet_rows(source: Path) -> Iterator[tuple[int, str, Any]]:
     row = 0
     for batch in file.iter_batches(batch_size=64):
         for record in batch.to_pylist():
-            row_id = _row_id(record, source, row)
-            yield row, row_id, _builder(record, row_id, source.parent)
+            yield _record_row(record, source, row)
             row += 1
 
 
@@ -183,8 +190,7 @@ def _jsonl_rows(source: Path) -> Iterator[tuple[int, str, Any]]:
             if not isinstance(record, dict):
                 yield row, fallback_id, _raiser("invalid_json", "line is not a JSON object", "write one object per line")
                 continue
-            row_id = _row_id(record, source, row)
-            yield row, row_id, _builder(record, row_id, source.parent)
+            yield _record_row(record, source, row)
 
 
 def _geometry3k_rows(split: Path) -> Iterator[tuple[int, str, Any]]:
@@ -196,31 +202,33 @@ def _geometry3k_rows(split: Path) -> Iterator[tuple[int, str, Any]]:
 
 
 # ---------------------------------------------------------------------------------- rows -> Prompt
-def _row_id(record: dict, source: Path, row: int) -> str:
-    value = record.get("id")
-    if value is None or str(value).strip() == "":
-        return f"{source.stem}-{row:05d}"
-    return value.strip() if isinstance(value, str) else str(value)
+def _record_row(record: dict, source: Path, row: int) -> tuple[int, str, Any]:
+    """(row, id, build) of one parquet or JSONL record; its images are confined to the file's folder."""
+    fallback_id = f"{source.stem}-{row:05d}"
+    try:
+        row_id = text_field(record.get("id"), "id", numbers=True).strip() or fallback_id
+    except BadField as bad:
+        return row, fallback_id, _raiser(bad.reason, bad.detail, bad.fix)
+    return row, row_id, _builder(record, row_id, source.parent)
 
 
 def _raiser(reason: str, detail: str, fix: str) -> Any:
     def build(index: int) -> Prompt:
-        raise _BadRow(reason, detail, fix)
+        raise BadField(reason, detail, fix)
 
     return build
 
 
 def _builder(record: dict, row_id: str, base: Path) -> Any:
     def build(index: int) -> Prompt:
-        problem = _text(record.get("problem"), "problem")
-        answer = _text(record.get("answer"), "answer")
+        problem = text_field(record.get("problem"), "problem")
+        answer = text_field(record.get("answer"), "answer", numbers=True)
         if not problem.strip():
-            raise _BadRow("missing_problem", "empty problem", "give every row a problem with <image>")
+            raise BadField("missing_problem", "empty problem", "give every row a problem with <image>")
         if not answer.strip():
-            raise _BadRow("missing_answer", "empty answer", "give every row its ground-truth answer")
+            raise BadField("missing_answer", "empty answer", "give every row its ground-truth answer")
         _check_placeholder(problem)
-        images = record.get("images", record.get("image"))
-        image = normalize_image(_image_bytes(images, base))
+        image = checked_image(_image_bytes(record, base))
         return Prompt(
             id=row_id,
             index=index,
@@ -228,10 +236,15 @@ def _builder(record: dict, row_id: str, base: Path) -> Any:
             answer=answer,
             image=image,
             annotations=_annotations(record),
-            solution=_text(record.get("solution", record.get("cot")), "solution"),
+            solution=text_field(_first_present(record, "solution", "cot"), "solution"),
         )
 
     return build
+
+
+def _first_present(record: dict, *names: str) -> Any:
+    """The value under the first of `names` the record has (None if none)."""
+    return next((record[name] for name in names if name in record), None)
 
 
 def _geometry3k_builder(folder: Path, row_id: str) -> Any:
@@ -239,17 +252,19 @@ def _geometry3k_builder(folder: Path, row_id: str) -> Any:
         try:
             data = json.loads((folder / "data.json").read_bytes().decode("utf-8"))
         except UnicodeDecodeError:
-            raise _BadRow("not_utf8", "data.json is not UTF-8", "re-encode it as UTF-8") from None
+            raise BadField("not_utf8", "data.json is not UTF-8", "re-encode it as UTF-8") from None
         except json.JSONDecodeError as e:
-            raise _BadRow("invalid_json", f"data.json is not JSON ({e.msg})", "restore the file") from None
-        text = _text(data.get("problem_text"), "problem_text").strip()
+            raise BadField("invalid_json", f"data.json is not JSON ({e.msg})", "restore the file") from None
+        if not isinstance(data, dict):
+            raise BadField("invalid_json", "data.json is not a JSON object", "restore the file")
+        text = text_field(data.get("problem_text"), "problem_text").strip()
         if not text:
-            raise _BadRow("missing_problem", "data.json has no problem_text", "restore the file")
+            raise BadField("missing_problem", "data.json has no problem_text", "restore the file")
         answer = _choice_answer(data)
-        image_path = folder / "img_diagram.png"
+        image_path = inside_folder(folder / "img_diagram.png", folder.parent)
         if not image_path.is_file():
-            raise _BadRow("missing_image", f"{image_path.name} is missing", "restore the diagram")
-        image = normalize_image(image_path.read_bytes())
+            raise BadField("missing_image", "img_diagram.png is missing", "restore the diagram")
+        image = checked_image(read_image_file(image_path))
         return Prompt(id=row_id, index=index, problem=IMAGE_PLACEHOLDER + text, answer=answer, image=image)
 
     return build
@@ -257,75 +272,62 @@ def _geometry3k_builder(folder: Path, row_id: str) -> Any:
 
 def _choice_answer(data: dict) -> str:
     """The text of the correct choice: Geometry3K stores the answer as a letter A-D into `choices`."""
-    letter, choices = str(data.get("answer") or "").strip(), data.get("choices")
+    letter, choices = text_field(data.get("answer"), "answer").strip(), data.get("choices")
     if len(letter) != 1 or not isinstance(choices, list) or not 0 <= ord(letter.upper()) - 65 < len(choices):
-        raise _BadRow("missing_answer", f"answer {letter!r} does not index choices {choices!r}", "restore data.json")
-    answer = _text(choices[ord(letter.upper()) - 65], "choice").strip()
+        raise BadField("missing_answer", f"answer {letter!r} does not index choices {choices!r}", "restore data.json")
+    answer = text_field(choices[ord(letter.upper()) - 65], f"choice {letter}", numbers=True).strip()
     if not answer:
-        raise _BadRow("missing_answer", f"choice {letter} is empty", "restore data.json")
+        raise BadField("missing_answer", f"choice {letter} is empty", "restore data.json")
     return answer
-
-
-def _text(value: Any, name: str) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError as e:
-            detail = f"{name} is not UTF-8 ({e.reason} at byte {e.start})"
-            raise _BadRow("not_utf8", detail, "re-encode the text as UTF-8") from None
-    if isinstance(value, float) and value != value:  # NaN from a pandas export
-        return ""
-    return value if isinstance(value, str) else str(value)
 
 
 def _check_placeholder(problem: str) -> None:
     count = problem.count(IMAGE_PLACEHOLDER)
     if count != 1:
         detail = f"problem has {count} {IMAGE_PLACEHOLDER} placeholders"
-        raise _BadRow("bad_placeholder", detail, "put exactly one <image> where the image goes")
+        raise BadField("bad_placeholder", detail, "put exactly one <image> where the image goes")
 
 
 def _annotations(record: dict) -> tuple[str, ...]:
+    """From `visual_key_info` (tagged text, or a list) when it has any, else from `annotations` (a list)."""
     info = record.get("visual_key_info")
     if isinstance(info, (bytes, str)):
-        text = _text(info, "visual_key_info")
+        text = text_field(info, "visual_key_info")
         items = parse_annotations(text)
         return items if items or not text.strip() else (text.strip(),)
-    if isinstance(info, (list, tuple)) and info:
-        return tuple(_text(v, "visual_key_info").strip() for v in info if _text(v, "visual_key_info").strip())
+    if info is not None and not isinstance(info, (list, tuple)):
+        raise BadField("wrong_type", f"visual_key_info is {describe_type(info)}",
+                       "visual_key_info must be a string of <infoN> tags or a list of strings")
+    if info:
+        return _text_items(info, "visual_key_info")
     listed = record.get("annotations")
-    if isinstance(listed, (list, tuple)):
-        return tuple(_text(v, "annotations").strip() for v in listed if _text(v, "annotations").strip())
-    return ()
+    if listed is not None and not isinstance(listed, (list, tuple)):
+        raise BadField("wrong_type", f"annotations is {describe_type(listed)}", "annotations must be a list of strings")
+    return _text_items(listed or (), "annotations")
+
+
+def _text_items(values: list | tuple, name: str) -> tuple[str, ...]:
+    """The non-blank strings of a list, stripped; an item of another type raises BadField."""
+    items = (text_field(v, f"{name}[{k}]").strip() for k, v in enumerate(values))
+    return tuple(item for item in items if item)
 
 
 # ------------------------------------------------------------------------------------------ images
-def _image_bytes(images: Any, base: Path) -> bytes:
-    """The encoded bytes of the one image a row holds (list of one, or a bare entry)."""
+def _image_bytes(record: dict, base: Path) -> bytes:
+    """The encoded bytes of the one image a row holds (`images` or `image`: a list of one, or a bare
+    entry); a path is read only from inside `base`, the dataset file's folder."""
+    name = "images" if "images" in record else "image"
+    images = record.get(name)
     if isinstance(images, (list, tuple)):
         if len(images) > 1:
-            raise _BadRow("multiple_images", f"{len(images)} images", "keep one image per problem")
-        images = images[0] if images else None
-    if isinstance(images, dict):
-        data, path = images.get("bytes"), images.get("path")
-        if data:
-            return bytes(data)
-        images = path
-    if isinstance(images, (bytes, bytearray)) and images:
-        return bytes(images)
-    if isinstance(images, str) and images.strip():
-        path = Path(images) if Path(images).is_absolute() else base / images
-        if not path.is_file():
-            raise _BadRow("missing_image", f"image file {path} not found", "fix the image path")
-        return path.read_bytes()
-    raise _BadRow("missing_image", "no image", "give every row one image (bytes or a path)")
-
-
-def normalize_image(data: bytes) -> bytes:
-    """`checked_image` as a dataset row's skip reason."""
-    try:
-        return checked_image(data)
-    except BadImage as e:
-        raise _BadRow(e.reason, e.detail, e.fix) from None
+            raise BadField("multiple_images", f"{len(images)} images", "keep one image per problem")
+        images, name = (images[0], f"{name}[0]") if images else (None, name)
+    entry = image_entry(images, name)
+    if isinstance(entry, bytes):
+        return entry
+    if entry is None:
+        raise BadField("missing_image", "no image", "give every row one image (bytes or a path)")
+    path = inside_folder(base / entry, base)
+    if not path.is_file():
+        raise BadField("missing_image", f"image file {base / entry} not found", "fix the image path")
+    return read_image_file(path)

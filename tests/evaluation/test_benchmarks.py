@@ -180,6 +180,49 @@ def test_mathvision_options_must_be_a_list(tmp_path):
         load_mathvision(tmp_path / "test.jsonl")
 
 
+# ---------------------------------------------------------------------- field types and image folders
+@pytest.mark.parametrize("field, value, says", [
+    ("answer", ["C"], "'answer' is a list (['C']); 'answer' must be a string or a number"),
+    ("answer", {"value": "C"}, "'answer' is an object ({'value': 'C'})"),
+    ("answer", True, "'answer' is a boolean (True)"),
+    ("question", ["Which?"], "'question' is a list (['Which?'])"),
+    ("options", ["2", {"text": "3"}], "options[1] is an object ({'text': '3'})"),
+    ("image", {"bytes": "iVBORw0KGgo=", "path": None}, "'image'.bytes is a string ('iVBORw0KGgo='), not image bytes"),
+    ("image", 5, "'image' is a number (5), not image bytes or a path"),
+], ids=["answer-list", "answer-object", "answer-bool", "question-list", "option-object", "image-text-bytes", "image-number"])
+def test_field_of_another_type_is_refused_naming_file_row_and_field(tmp_path, field, value, says):
+    """The training loaders' type checks: an answer list would otherwise be scored as its Python text."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "1.jpg").write_bytes(png(1))
+    rows = [mathvision_row("1", ["2", "3"], "A"), mathvision_row("2", ["2", "3"], "A", image="images/1.jpg") | {field: value}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(ValueError) as e:
+        load_mathvision(tmp_path / "test.jsonl")
+    assert f"{tmp_path / 'test.jsonl'} row 1: {says}" in str(e.value)
+
+
+def test_parquet_image_struct_with_text_bytes_is_refused_not_read_as_a_path(tmp_path):
+    path = write_parquet(tmp_path / "t.parquet", [mathvista_row("1", decoded_image={"bytes": "x.png", "path": None})])
+    (tmp_path / "x.png").write_bytes(png(1))  # the text names a real file: it must still not be read as one
+    with pytest.raises(ValueError, match=r"t\.parquet row 0: 'decoded_image'\.bytes is a string \('x\.png'\), not image bytes"):
+        load_mathvista(path)
+
+
+@pytest.mark.parametrize("escape", ["../secret.png", "../../secret.png", "ABSOLUTE", "images/link.png"])
+def test_image_path_outside_the_benchmark_folder_is_refused(tmp_path, escape):
+    """The file is `bench/data/test.jsonl`; images are looked up in `bench/data` and `bench`; `secret.png` lies above."""
+    bench = tmp_path / "bench"
+    (bench / "data").mkdir(parents=True)
+    (bench / "images").mkdir()
+    (tmp_path / "secret.png").write_bytes(png(200))
+    (bench / "images" / "link.png").symlink_to(tmp_path / "secret.png")
+    image = str(tmp_path / "secret.png") if escape == "ABSOLUTE" else escape
+    (bench / "data" / "test.jsonl").write_text(json.dumps(mathvision_row("1", [], "5", image=image)) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"test\.jsonl row 0: image path .* resolves to .*secret\.png, outside the "
+                                         r"dataset folder .*; keep the images inside"):
+        load_mathvision(bench / "data" / "test.jsonl")
+
+
 # ------------------------------------------------------------------------------------------ WeMath
 def test_wemath_json_question_plus_options(tmp_path):
     (tmp_path / "2steps" / "image").mkdir(parents=True)
