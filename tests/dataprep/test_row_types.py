@@ -94,6 +94,20 @@ def test_answer_of_another_type_is_refused_not_trained_as_its_python_text(tmp_pa
     assert_refused(path, row=0, reason="wrong_type", says=(says, fix), loaded=0)
 
 
+@pytest.mark.reliability(fault="dataset rows whose answer is a list, an object or a boolean, among good rows",
+                         outcome="those rows refused and counted (or an error naming file, row, field and fix); "
+                                 "none trained as its Python text; the good rows load")
+def test_one_file_of_mixed_answer_types_loads_only_the_good_rows(tmp_path):
+    (tmp_path / "img.png").write_bytes(png())
+    answers = {"text": "3", "int": 12, "list": ["3"], "object": {"value": 3}, "true": True, "false": False}
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(GOOD | {"id": k, "answer": v, "images": ["img.png"]}) + "\n"
+                            for k, v in answers.items()))
+    result = read_prompts(path)
+    assert [(p.id, p.answer) for p in result.prompts] == [("text", "3"), ("int", "12")]
+    assert result.skip_counts() == {"wrong_type": 4}
+
+
 def test_null_answer_is_a_missing_answer_and_numbers_are_their_text(tmp_path):
     assert_refused(jsonl_dataset(tmp_path, {"answer": None}), row=1, reason="missing_answer", says=("empty answer",))
     numbers = [GOOD | {"id": "int", "answer": 12}, GOOD | {"id": "float", "answer": 2.5}]
@@ -170,6 +184,8 @@ def test_image_field_of_another_type_refuses_only_its_row(tmp_path, kind):
     assert_refused(jsonl_dataset(tmp_path, {"images": [value]}), row=1, reason="wrong_type", says=(says,))
 
 
+@pytest.mark.reliability(fault="a dataset image field holding text where bytes belong",
+                         outcome="that row alone refused, naming the field; the rest of the dataset loads")
 def test_parquet_image_struct_with_text_bytes_refuses_only_its_row(tmp_path):
     """The reported case: a parquet `images` struct whose `bytes` is a string column. The good row gives a path."""
     (tmp_path / "img.png").write_bytes(png())
@@ -218,6 +234,23 @@ def test_parquet_image_path_outside_the_dataset_folder_is_refused(tmp_path, esca
             GOOD | {"id": "bad", "images": [{"bytes": None, "path": value}]}]
     pq.write_table(pa.Table.from_pylist(rows), path)
     assert_refused(path, row=1, reason="image_outside_dataset", says=("outside the dataset folder",))
+
+
+@pytest.mark.reliability(fault="dataset image paths leading out of its folder (`..`, absolute, symlinks)",
+                         outcome="those rows refused and counted, the files never read; the good row loads")
+def test_one_file_of_escaping_paths_reads_none_of_them(tmp_path, monkeypatch):
+    data, secret = outside_layout(tmp_path)
+    (data / "img.png").write_bytes(png())
+    rows = [GOOD | {"images": ["img.png"]}]
+    rows += [GOOD | {"id": f"escape-{k}", "images": [str(secret) if e == "ABSOLUTE" else e]} for k, e in enumerate(ESCAPES)]
+    path = data / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    read, read_bytes = [], Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self.resolve()) or read_bytes(self))
+    result = read_prompts(path)
+    assert [p.id for p in result.prompts] == ["good"]
+    assert result.skip_counts() == {"image_outside_dataset": len(ESCAPES)}
+    assert all(p.is_relative_to(data.resolve()) for p in read), read
 
 
 def test_geometry3k_diagram_linked_outside_the_split_is_refused(tmp_path):
