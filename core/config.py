@@ -32,6 +32,14 @@ class RunConfig(Section):
     """Where checkpoints, logs and the resolved config go (`<output_dir>/<name>/`)."""
     num_steps: int = Field(20, ge=1)
     """Learner steps (optimizer updates) to run."""
+    startup_timeout_s: float = Field(900.0, gt=0)
+    """The learner must be up (model loaded, first weights at the actors) within this; else the run stops
+    naming the cause."""
+    stall_timeout_s: float = Field(1800.0, gt=0)
+    """The watchdog: when no learner step completes for this long, the run stops naming the cause (every
+    prompt refused, a stalled generation actor, no admissible groups, the learner itself)."""
+    stop_timeout_s: float = Field(600.0, gt=0)
+    """After a stop request, the learner has this long to checkpoint and end before the driver gives up on it."""
 
 
 class ClusterConfig(Section):
@@ -412,7 +420,13 @@ def _cross_field_problems(cfg: Config) -> list[str]:
     if (isinstance(cfg.model, PretrainedModelConfig) and cfg.model.random_weights and isinstance(engine, VLLMEngineConfig)
             and engine.load_format != "dummy"):
         problems.append("model.random_weights needs rollout.engine.load_format: dummy (vLLM would look for weights)")
-    requested = _gpus_requested(cfg)
+    requested = resources_requested(cfg)["GPU"]
+    cpus = resources_requested(cfg)["CPU"]
+    if cfg.cluster.num_cpus is not None and cpus > cfg.cluster.num_cpus:
+        problems.append(
+            f"the learner asks for {cpus:g} CPUs (learner.num_workers {cfg.learner.num_workers} x "
+            f"learner.cpus_per_worker {cfg.learner.cpus_per_worker:g}) but cluster.num_cpus is {cfg.cluster.num_cpus}; "
+            "lower them or raise cluster.num_cpus (Ray would wait for the CPUs forever)")
     if cfg.cluster.num_gpus is not None and requested > cfg.cluster.num_gpus:
         problems.append(
             f"the config asks for {requested:g} GPUs (rollout {cfg.rollout.num_actors}x{cfg.rollout.num_gpus_per_actor:g}, "
@@ -421,9 +435,12 @@ def _cross_field_problems(cfg: Config) -> list[str]:
     return problems
 
 
-def _gpus_requested(cfg: Config) -> float:
+def resources_requested(cfg: Config) -> dict[str, float]:
+    """CPUs and GPUs a run asks Ray for: the learner workers' CPUs, and the GPUs of the generation actors,
+    the learner and the judge LLM's replicas (every other actor of a run takes `num_cpus=0`)."""
     judge = cfg.judge.llm
     judge_gpus = judge.num_replicas * judge.num_gpus_per_replica if isinstance(judge, VLLMJudgeConfig) else 0.0
-    return (cfg.rollout.num_actors * cfg.rollout.num_gpus_per_actor
+    gpus = (cfg.rollout.num_actors * cfg.rollout.num_gpus_per_actor
             + cfg.learner.num_workers * cfg.learner.num_gpus_per_worker + judge_gpus)
+    return {"CPU": cfg.learner.num_workers * cfg.learner.cpus_per_worker, "GPU": gpus}
 

@@ -42,6 +42,17 @@ class GeneratorLost(RuntimeError):
     """The generation actor died or became unreachable during the call: its prompts are requeued."""
 
 
+class PeerLost(RuntimeError):
+    """An actor the run cannot go on without (the replay buffer, the learner's report queue) died; the
+    message names it. The driver stops the run, keeping what is safe (see perception_r1/session.py)."""
+
+    BUFFER, REPORTS = "replay buffer", "report queue"
+
+    def __init__(self, peer: str, detail: str) -> None:
+        super().__init__(f"the {peer} actor died ({detail})")
+        self.peer = peer
+
+
 # ------------------------------------------------------------------------------------ generation
 class Engine(Protocol):
     """What a generation actor needs from HF `generate` (CPU) or vLLM (GPU). Weight updates come through

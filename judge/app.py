@@ -170,9 +170,10 @@ class VLLMJudgeServer:
 
 
 # ------------------------------------------------------------------------------------ stats board
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_restarts=-1)
 class StatsBoard:
-    """The latest `JudgeStats` of each reward replica (counters are cumulative per replica)."""
+    """The latest `JudgeStats` of each reward replica (counters are cumulative per replica). Metrics only:
+    Ray restarts it if it dies, and each replica's next report refills it."""
 
     def __init__(self) -> None:
         self.latest: dict[str, JudgeStats] = {}

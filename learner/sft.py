@@ -12,6 +12,7 @@ import json
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,9 +28,15 @@ MARKER = "sft.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json")
 
 
+class SFTInterrupted(Exception):
+    """A stop request arrived during the warm start."""
+
+
 def run_sft(base_model: str, *, cfg: SFTConfig, data: DataConfig, prompts: list[Prompt], out: Path, seed: int,
-            max_tokens_per_micro_batch: int = 8192, progress: bool = True) -> dict:
-    """Train on the solutions, save into `out`; returns the summary (also in `out/sft.json`)."""
+            max_tokens_per_micro_batch: int = 8192, progress: bool = True,
+            should_stop: Callable[[], bool] = lambda: False) -> dict:
+    """Train on the solutions, save into `out`; returns the summary (also in `out/sft.json`).
+    `should_stop()` true between steps: raises `SFTInterrupted` (nothing is saved)."""
     if (out / MARKER).is_file():
         return json.loads((out / MARKER).read_text())
     from transformers import AutoModelForImageTextToText
@@ -47,6 +54,10 @@ def run_sft(base_model: str, *, cfg: SFTConfig, data: DataConfig, prompts: list[
     losses, start = [], time.perf_counter()
     bar = _bar(cfg.num_steps, progress)
     for _ in range(cfg.num_steps):
+        if should_stop():
+            if bar is not None:
+                bar.close()
+            raise SFTInterrupted(f"sft stopped after {len(losses)} of {cfg.num_steps} steps; nothing saved")
         batch = rng.sample(seqs, min(cfg.batch_size, len(seqs)))
         losses.append(_sft_step(model, optimizer, batch, pad_id=processor.tokenizer.pad_token_id,
                                 image_token_id=processor.image_token_id, suppressed=suppressed,

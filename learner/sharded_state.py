@@ -25,6 +25,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 LEARNER_DIR = "learner"
 LEARNER_META = "learner.json"
+UNREPORTED_FILE = "unreported.msgpack"
+"""Step reports the learner could not deliver (its report queue died), saved beside its last checkpoint."""
 
 
 def save_learner(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

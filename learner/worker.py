@@ -7,19 +7,29 @@
            rank 0: publish the version to the buffer (unblocks producers), report the step record
            every `checkpoint.every_steps`: sharded checkpoint into step_<N>.tmp (the driver completes it)
     until num_steps, or until the buffer closes (the driver is stopping: checkpoint, then return).
+
+The learner outlives the driver's helpers: when the buffer actor dies, take() reads as closed (the
+learner checkpoints and returns; the buffered groups were not trained and regenerate on resume);
+when the report queue dies, the learner stops at once and checkpoints with the step reports it could
+not deliver (`unreported.msgpack`), which the driver turns into a complete checkpoint. A checkpoint
+that cannot be written says why in the OS's words (no space left, permission denied).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import ray
 import torch
 import torch.distributed as dist
 
+from core import codec
 from core.config import Config
 from core.records import (
     LearnerFinished,
@@ -30,9 +40,11 @@ from core.records import (
 )
 from core.seams import BatchSource, ReportSink
 from learner.batch_metrics import reward_metrics
-from learner.sharded_state import load_learner, newest_complete, save_learner
+from learner.sharded_state import UNREPORTED_FILE, load_learner, newest_complete, save_learner
 from learner.sync import WeightBroadcaster
 from learner.trainer import Learner
+
+_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 @dataclass
@@ -68,13 +80,32 @@ def train_loop_per_worker(loop_config: dict) -> None:
         transport=wiring.weight_transport)
     connect_s = sync.connect()
     sync_s, _ = sync.broadcast(learner.model, version=version)
-    source = RayBatchSource(wiring.buffer)
+    source, reports = RayBatchSource(wiring.buffer), Reports(wiring.reports)
     if rank == 0:
         source.learner_started(version)
-        wiring.reports.put(LearnerStarted(version=version))
+        reports.put(LearnerStarted(version=version))
         print(f"learner: version {version}, weight group formed in {connect_s:.1f}s, first sync {sync_s:.2f}s",
               flush=True)
-    _loop(cfg, wiring, learner, sync, source, rank=rank, version=version)
+    _loop(cfg, wiring, learner, sync, source, reports, rank=rank, version=version)
+
+
+class Reports:
+    """The report queue (rank 0's end), keeping what it could not deliver once the queue is gone."""
+
+    def __init__(self, queue: ReportSink) -> None:
+        self.queue, self.undelivered = queue, []
+        self.lost = False
+
+    def put(self, report) -> None:
+        if not self.lost:
+            try:
+                self.queue.put(report, timeout=60)
+                return
+            except _LOST as e:
+                print(f"learner: the report queue is gone ({type(e).__name__}); stopping to checkpoint", flush=True)
+                self.lost = True
+        if isinstance(report, LearnerStep):
+            self.undelivered.append(report)
 
 
 class RayBatchSource:
@@ -83,28 +114,44 @@ class RayBatchSource:
 
     def __init__(self, handle) -> None:
         self.handle = handle
+        self.lost = False
 
     def take(self, k: int, *, step: int) -> TrainBatch | None:
-        taken = ray.get(self.handle.take.remote(k))
-        if taken is None:
+        """The next batch; None once the buffer is closed or gone (both mean: checkpoint and end)."""
+        try:
+            taken = ray.get(self.handle.take.remote(k))
+            if taken is None:
+                return None
+            groups = ray.get([refs[0] for refs, _, _ in taken])
+        except _LOST as e:
+            self._lose(e)
             return None
-        groups = ray.get([refs[0] for refs, _, _ in taken])
         return TrainBatch(step=step, groups=tuple(groups), staleness=tuple(s for _, _, s in taken))
 
     def publish_version(self, learner_version: int, synced_version: int) -> None:
-        ray.get(self.handle.publish_version.remote(learner_version, synced_version))
+        if self.lost:
+            return
+        try:
+            ray.get(self.handle.publish_version.remote(learner_version, synced_version))
+        except _LOST as e:
+            self._lose(e)
+
+    def _lose(self, e: BaseException) -> None:
+        if not self.lost:
+            print(f"learner: the replay buffer is gone ({type(e).__name__}); checkpointing and ending", flush=True)
+        self.lost = True
 
     def learner_started(self, version: int) -> None:
         ray.get(self.handle.learner_started.remote(version))
 
 
-def _loop(cfg: Config, wiring: LearnerWiring, learner: Learner, sync: WeightBroadcaster, source: BatchSource, *,
-          rank: int, version: int) -> None:
+def _loop(cfg: Config, wiring: LearnerWiring, learner: Learner, sync: WeightBroadcaster, source: BatchSource,
+          reports: Reports, *, rank: int, version: int) -> None:
     synced = version
     while version < cfg.run.num_steps:
         wait_start = time.perf_counter()
-        shared = _take(source, cfg.learner.prompts_per_step, step=version, rank=rank)
-        if shared is None:  # the driver is stopping the run
+        shared = _take(source, cfg.learner.prompts_per_step, step=version, rank=rank, stop=reports.lost)
+        if shared is None:  # the driver is stopping the run (or cannot hear us)
             break
         batch, mine = shared
         wait_s = time.perf_counter() - wait_start
@@ -120,21 +167,34 @@ def _loop(cfg: Config, wiring: LearnerWiring, learner: Learner, sync: WeightBroa
             metrics.update(reward_metrics(batch.groups, staleness=batch.staleness))
             metrics.update({"learner/wait_seconds": wait_s, "sync/seconds": sync_s,
                             "sync/gbytes_per_s": sync_bytes / max(sync_s, 1e-9) / 1e9 if sync_bytes else 0.0})
-            wiring.reports.put(LearnerStep(step=step, version=version, metrics=metrics,
-                                           seqs=tuple(g.group.seq for g in batch.groups), checkpoint_path=ckpt))
+            reports.put(LearnerStep(step=step, version=version, metrics=metrics,
+                                    seqs=tuple(g.group.seq for g in batch.groups), checkpoint_path=ckpt))
     ckpt = ""
-    if version < cfg.run.num_steps or cfg.checkpoint.every_steps == 0 or version % cfg.checkpoint.every_steps:
+    written = (Path(wiring.checkpoint_root) / f"step_{version:06d}.tmp").is_dir()
+    if version < cfg.run.num_steps or cfg.checkpoint.every_steps == 0 or version % cfg.checkpoint.every_steps or (
+            reports.lost and not written):
         ckpt = _checkpoint(wiring, learner, version=version)  # at shutdown
     if rank == 0:
-        wiring.reports.put(LearnerFinished(version=version, checkpoint_path=ckpt))
+        reports.put(LearnerFinished(version=version, checkpoint_path=ckpt))
+        if reports.lost:
+            _save_undelivered(Path(wiring.checkpoint_root) / f"step_{version:06d}.tmp", reports.undelivered)
 
 
-def _take(source: BatchSource, k: int, *, step: int, rank: int) -> tuple[TrainBatch, list[ScoredGroup]] | None:
+def _save_undelivered(path: Path, undelivered: list[LearnerStep]) -> None:
+    """The step reports the driver never got, beside the checkpoint they lead to (the driver completes it)."""
+    data = msgpack.packb([codec.encode(r) for r in undelivered], use_bin_type=True)
+    (path / UNREPORTED_FILE).with_suffix(".part").write_bytes(data)
+    os.replace((path / UNREPORTED_FILE).with_suffix(".part"), path / UNREPORTED_FILE)
+    print(f"learner: {len(undelivered)} undelivered step report(s) saved in {path}", flush=True)
+
+
+def _take(source: BatchSource, k: int, *, step: int, rank: int,
+          stop: bool = False) -> tuple[TrainBatch, list[ScoredGroup]] | None:
     """Rank 0 takes the batch and scatters it round-robin; returns (the batch, this rank's share of its groups).
-    Ranks other than 0 get the batch without groups (only rank 0 reports on it)."""
+    Ranks other than 0 get the batch without groups (only rank 0 reports on it). `stop`: take nothing, all end."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     shares: list = [None] * world
-    if rank == 0:
+    if rank == 0 and not stop:
         batch = source.take(k, step=step)
         if batch is not None:
             empty = TrainBatch(step=step, groups=(), staleness=())
@@ -155,12 +215,49 @@ def _maybe_checkpoint(cfg: Config, wiring: LearnerWiring, learner: Learner, *, v
 
 def _checkpoint(wiring: LearnerWiring, learner: Learner, *, version: int) -> str:
     path = Path(wiring.checkpoint_root) / f"step_{version:06d}.tmp"
-    path.mkdir(parents=True, exist_ok=True)
-    save_learner(path, model=learner.model, optimizer=learner.optimizer, scheduler=learner.scheduler,
-                 version=version)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        save_learner(path, model=learner.model, optimizer=learner.optimizer, scheduler=learner.scheduler,
+                     version=version)
+    except Exception as e:
+        raise checkpoint_error(path, e) from e
     if dist.is_initialized():
         dist.barrier()
     return str(path)
+
+
+def checkpoint_error(path: Path, error: BaseException) -> OSError:
+    """Why a checkpoint could not be written, in the OS's words: torch's writers often hide the cause
+    (a full disk reads as 'unexpected pos 704 vs 598'), so a failed write is followed by a probe write."""
+    cause = next((e for e in _chain(error) if isinstance(e, OSError) and e.errno), None) or _probe(path)
+    if cause is None:
+        return OSError(errno.EIO, f"writing checkpoint {path} failed ({type(error).__name__}: {error})")
+    reason = os.strerror(cause.errno).lower()
+    return OSError(cause.errno, f"cannot write checkpoint {path}: {reason} ({errno.errorcode.get(cause.errno, '')}); "
+                                "free space there (or lower checkpoint.keep), or move run.output_dir")
+
+
+def _chain(error: BaseException | None):
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _probe(path: Path) -> OSError | None:
+    probe = (path if path.is_dir() else path.parent) / ".write-probe"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+        return None
+    except OSError as e:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return e
 
 
 def _restore(learner: Learner, resume_from: str | Path | None) -> int:

@@ -19,8 +19,10 @@ from core.records import (
     RolloutGroup,
     ScoredGroup,
 )
-from core.seams import GeneratorLost, PromptsRefused
+from core.seams import GeneratorLost, PeerLost, PromptsRefused
 from replay.buffer import entry_meta
+
+_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 class RayGenerator:
@@ -45,35 +47,42 @@ class RayGenerator:
 
 class RayBuffer:
     """The replay buffer actor as a `core.seams.Buffer`: a group goes into the object store once
-    (`ray.put`); the buffer holds only its ref, the learner fetches it."""
+    (`ray.put`); the buffer holds only its ref, the learner fetches it. Its death reads as `PeerLost`."""
 
     def __init__(self, handle) -> None:
         self.handle = handle
 
     async def reserve(self, n: int) -> bool:
-        return await self.handle.reserve.remote(n)
+        return await self._call(self.handle.reserve, n)
 
     async def release(self, n: int) -> None:
-        await self.handle.release.remote(n)
+        await self._call(self.handle.release, n)
 
     async def put(self, scored: ScoredGroup) -> bool:
-        return await self.handle.put.remote([ray.put(scored)], entry_meta(scored))
+        return await self._call(self.handle.put, [ray.put(scored)], entry_meta(scored))
 
     async def close(self) -> None:
-        await self.handle.close.remote()
+        await self._call(self.handle.close)
 
     async def stats(self) -> BufferStats:
-        return await self.handle.stats.remote()
+        return await self._call(self.handle.stats)
 
     async def pop_evicted_seqs(self) -> list[int]:
-        return await self.handle.pop_evicted_seqs.remote()
+        return await self._call(self.handle.pop_evicted_seqs)
 
     async def pop_lost_seqs(self) -> list[int]:
-        return await self.handle.pop_lost_seqs.remote()
+        return await self._call(self.handle.pop_lost_seqs)
 
     async def buffered(self) -> list[ScoredGroup]:
-        entries = await self.handle.buffered_refs.remote()
+        entries = await self._call(self.handle.buffered_refs)
         return list(await asyncio.gather(*[refs[0] for refs, _ in entries]))
+
+    @staticmethod
+    async def _call(method, *args):
+        try:
+            return await method.remote(*args)
+        except _LOST as e:
+            raise PeerLost(PeerLost.BUFFER, type(e).__name__) from e
 
 
 class RayReports:
@@ -87,7 +96,11 @@ class RayReports:
             return await self.queue.get_async(block=True, timeout=timeout_s)
         except Empty:
             return None
+        except _LOST as e:
+            raise PeerLost(PeerLost.REPORTS, type(e).__name__) from e
 
     async def empty(self) -> bool:
-        return await self.queue.actor.empty.remote()
-
+        try:
+            return await self.queue.actor.empty.remote()
+        except _LOST as e:
+            raise PeerLost(PeerLost.REPORTS, type(e).__name__) from e

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -31,14 +30,17 @@ from core.records import Sampling
 from dataprep.loaders import load_prompts as load_file
 from dataprep.synthetic import make_problems
 from judge.service import start_judge
-from learner.sft import run_sft
+from learner.sft import SFTInterrupted, run_sft
 from learner.worker import LearnerWiring, train_loop_per_worker
+from perception_r1 import preflight, run_checkpoints
 from perception_r1.adapters import RayBuffer, RayGenerator, RayReports
 from perception_r1.run_checkpoints import load_latest
+from perception_r1.run_lock import RunLock
 from perception_r1.session import Session
+from perception_r1.stop_signals import Interrupted, StopSignals
 from perception_r1.stream import PromptStream
 from perception_r1.tiny_model import build_tiny_model
-from perception_r1.tracking import ConsoleSink, FanOut, MlflowSink, RayMetricsSink
+from perception_r1.tracking import ConsoleSink, FanOut, MlflowSink, RayMetricsSink, mlflow_uri
 from replay.buffer import ReplayBuffer
 
 log = logging.getLogger("perception_r1")
@@ -68,18 +70,19 @@ def resolve_model(cfg: Config) -> str:
         json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"model.path {path}: config.json is not valid JSON ({e}); re-copy the model folder") from None
+    preflight.check_model_type(path)
     if not (path / "preprocessor_config.json").is_file():
         raise ValueError(f"model.path {path} has no preprocessor_config.json (the Qwen2.5-VL image processor); "
                          "copy the model's processor files into the folder")
     return str(path.resolve())
 
 
-def warm_start(cfg: Config, model_path: str, prompts: list) -> str:
+def warm_start(cfg: Config, model_path: str, prompts: list, *, should_stop=lambda: False) -> str:
     """Run (or reuse) the SFT stage; returns the folder GRPO starts from."""
     out = sft_dir(cfg)
     summary = run_sft(model_path, cfg=cfg.sft, data=cfg.data, prompts=prompts, out=out, seed=cfg.run.seed,
                       max_tokens_per_micro_batch=cfg.learner.max_tokens_per_micro_batch,
-                      progress=cfg.tracking.progress_bar)
+                      progress=cfg.tracking.progress_bar, should_stop=should_stop)
     log.info("sft warm start %s: %d examples, loss %.3f -> %.3f", out, summary["num_examples"],
              summary["first_loss"], summary["final_loss"])
     return str(out.resolve())
@@ -167,28 +170,80 @@ def build_trainer(cfg: Config, wiring, run_dir: Path):
                              failure_config=FailureConfig(max_failures=lc.max_restarts)))
 
 
-def build_sinks(cfg: Config, run_dir: Path, *, resume: bool):
-    mlflow_sink = MlflowSink(cfg, run_dir=run_dir, resume=resume)  # a bad URI fails here, at start
+def build_sinks(cfg: Config, mlflow_sink: MlflowSink) -> FanOut:
     console = ConsoleSink(every=1 if not cfg.tracking.progress_bar else max(1, cfg.run.num_steps // 10))
-    return FanOut([mlflow_sink, RayMetricsSink(run_name=cfg.run.name), console]), mlflow_sink
+    return FanOut([mlflow_sink, RayMetricsSink(run_name=cfg.run.name), console])
 
 
 # --------------------------------------------------------------------------------------------- run
+class RunFailed(RuntimeError):
+    """The run stopped because it could not go on; the message names the cause (and what was kept)."""
+
+
 def train(cfg: Config, *, resume: bool = False) -> RunResult:
-    """Run a training job end to end; returns what it did. Ctrl-C / SIGTERM: checkpoint, then stop."""
+    """Run a training job end to end; returns what it did. Ctrl-C / SIGTERM at any moment: stop (with a
+    checkpoint once training has begun). Raises `RunFailed` when the run cannot go on, `Interrupted` when
+    stopped before training began, `ValueError` for bad input (each naming the fix)."""
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    check_job_paths(cfg)
+    preflight.check_writable(run_dir, field="run.output_dir")
+    with RunLock(run_dir), StopSignals() as stop:
+        log.info("run folder %s; mlflow %s", run_dir.resolve(), mlflow_uri(cfg.tracking))
+        run_checkpoints.remove_unfinished(run_dir / "checkpoints")  # the lock says no learner writes them
+        (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+        model_path, prompts = _prepare(cfg, stop)
+        restored = _find_resume(run_dir, resume=resume)
+        preflight.check_tracking(mlflow_uri(cfg.tracking))
+        mlflow_sink = MlflowSink(cfg, run_dir=run_dir, resume=restored is not None)  # before Ray: fails fast
+        status = "FAILED"
+        try:
+            connection = init_ray(cfg)
+            stop.install()  # in case Ray installed its own handlers
+            try:
+                stop.check("Ray start-up")
+                preflight.check_resources(cfg, ray.cluster_resources())
+                result = _run(cfg, model_path=model_path, prompts=prompts, run_dir=run_dir, restored=restored,
+                              mlflow_sink=mlflow_sink, stop=stop)
+                status = "KILLED" if result.stopped_early else "FINISHED"
+                return result
+            except Interrupted:
+                status = "KILLED"
+                raise
+            finally:
+                _shutdown(connection)
+                run_checkpoints.remove_unfinished(run_dir / "checkpoints")
+        finally:
+            mlflow_sink.close(status=status)
+
+
+def check_job_paths(cfg: Config) -> None:
+    """Under `ray job submit --working-dir`, the job runs in Ray's temporary copy of that folder: relative
+    output paths would put checkpoints and the mlflow store where the user never finds them."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    if not (job.get("runtime_env") or {}).get("working_dir"):
+        return
+    relative = [f"run.output_dir={cfg.run.output_dir}"] if not Path(cfg.run.output_dir).is_absolute() else []
+    uri = mlflow_uri(cfg.tracking)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        relative.append(f"tracking.mlflow_uri={uri}")
+    if relative:
+        raise ValueError(f"under ray job submit --working-dir, {' and '.join(relative)} would be written inside Ray's "
+                         "temporary copy of the working dir and lost with it; pass absolute paths, e.g. "
+                         "--set run.output_dir=$PWD/runs --set tracking.mlflow_uri=sqlite:///$PWD/mlruns.db")
+
+
+def _prepare(cfg: Config, stop: StopSignals) -> tuple[str, list]:
+    """The model folder (built, checked, warm-started) and the prompts; each phase honours a stop."""
     model_path = resolve_model(cfg)
+    stop.check("model preparation")
     prompts = load_prompts(cfg)
+    stop.check("data loading")
     if cfg.sft.enabled:
-        model_path = warm_start(cfg, model_path, prompts)
-    restored = _find_resume(run_dir, resume=resume)
-    connection = init_ray(cfg)
-    try:
-        return _run(cfg, model_path=model_path, prompts=prompts, run_dir=run_dir, restored=restored)
-    finally:
-        _shutdown(connection)
+        try:
+            model_path = warm_start(cfg, model_path, prompts, should_stop=stop.requested.is_set)
+        except SFTInterrupted as e:
+            raise Interrupted(f"{stop.signal_name} during the SFT warm start: {e}") from None
+    return model_path, prompts
 
 
 def _find_resume(run_dir: Path, *, resume: bool):
@@ -209,12 +264,13 @@ def _find_resume(run_dir: Path, *, resume: bool):
     return found
 
 
-def _run(cfg: Config, *, model_path: str, prompts: list, run_dir: Path, restored) -> RunResult:
+def _run(cfg: Config, *, model_path: str, prompts: list, run_dir: Path, restored, mlflow_sink: MlflowSink,
+         stop: StopSignals) -> RunResult:
     """Start-up overlaps its slow parts: the actors load their engines and Ray Train brings the learner up
     (the slowest part) while the judge's Serve apps deploy; the loops start once the judge answers."""
     ckpt_path, state = restored if restored else (None, None)
     stream = PromptStream(prompts, shuffle_seed=cfg.data.shuffle_seed, state=state.stream if state else None)
-    sinks, mlflow_sink = build_sinks(cfg, run_dir, resume=restored is not None)  # fail fast on a bad URI
+    sinks = build_sinks(cfg, mlflow_sink)
     buffer = build_buffer(cfg, initial_version=state.version if state else 0)
     actors = build_actors(cfg, model_path)
     reports = Queue(actor_options={"num_cpus": 0})
@@ -222,22 +278,31 @@ def _run(cfg: Config, *, model_path: str, prompts: list, run_dir: Path, restored
                            actors=actors, reports=reports, checkpoint_root=str((run_dir / "checkpoints").resolve()),
                            resume_from=str(ckpt_path) if ckpt_path else None,
                            weight_transport="torch" if isinstance(cfg.rollout.engine, HFEngineConfig) else "vllm")
-    status, judge, session = "FAILED", None, None
+    judge, session = None, None
     try:
         learner = LearnerThread(build_trainer(cfg, wiring, run_dir))
+        log.info("start-up: actors, learner and judge starting")
         judge = start_judge(cfg.judge)
+        stop.install()  # in case Serve installed its own handlers
         session = Session(cfg, stream=stream, generators=[RayGenerator(a) for a in actors], scorer=judge,
                           buffer=RayBuffer(buffer), reports=RayReports(reports), sinks=sinks,
                           start_version=state.version if state else 0, buffered=state.buffered if state else [],
-                          ledger=run_dir / "trained.jsonl")
-        stopped = _run_until_done(session, learner)
-        status = "KILLED" if stopped else "FINISHED"
+                          ledger=run_dir / "trained.jsonl", checkpoint_root=run_dir / "checkpoints")
+        stop.on_stop(session.request_stop)
+        _run_until_done(session, learner)
     finally:
-        sinks.close(status=status)
+        for sink in sinks.sinks:
+            if sink is not mlflow_sink:  # closed by train(), with the run's status
+                sink.close(status="")
         if judge is not None:
             judge.stop()
         for handle in [buffer, reports.actor, *actors]:  # a learner still starting fails on these and ends
             ray.kill(handle)
+    if session.fatal:
+        raise RunFailed(session.fatal)
+    stopped = session.stop_requested
+    if stopped and not session.learner_starts:
+        raise Interrupted(f"{stop.signal_name or 'a stop request'} during start-up; nothing was trained")
     return RunResult(run_dir=run_dir, final_version=session.version, steps_logged=session.steps_logged,
                      mlflow_run_id=mlflow_sink.run_id, counters=dict(session.counters()), stopped_early=stopped,
                      history=session.history)
@@ -260,22 +325,29 @@ class LearnerThread:
         return out if isinstance(out, BaseException) else None
 
 
-def _run_until_done(session: Session, learner: LearnerThread) -> bool:
-    """The loops on asyncio while the learner runs; SIGINT/SIGTERM request a stop."""
+def _run_until_done(session: Session, learner: LearnerThread) -> None:
+    """The loops on asyncio while the learner runs (stop requests arrive through `StopSignals`). A learner
+    that failed becomes the session's `fatal` cause, in one line (the whole error goes to the log)."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     loop = asyncio.new_event_loop()
-    signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
-    for sig in signals:  # a caller running train() in a thread keeps its own signal handling
-        loop.add_signal_handler(sig, session.request_stop)
     try:
-        loop.run_until_complete(session.run(learner_alive=learner.alive))
+        with logging_redirect_tqdm():  # log lines above the progress bar, not onto its line
+            loop.run_until_complete(session.run(learner_alive=learner.alive))
     finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
         loop.close()
-    learner.thread.join(timeout=120)
-    if learner.error() is not None:
-        raise RuntimeError(f"the learner failed: {learner.error()}") from learner.error()
-    return session.stop_requested
+    if session.learner_starts and session.watchdog.overdue(learner_up=True) != "stop":
+        learner.thread.join(timeout=30)  # it has ended or is ending: the session waited for it
+    error = learner.error()
+    if error is not None and not session.fatal:
+        log.error("the learner failed: %s", error)
+        session.fatal = f"the learner failed: {_last_line(error)}"
+
+
+def _last_line(error: BaseException) -> str:
+    """The innermost message of an error whose text carries a remote traceback (Ray Train's)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else repr(error)
 
 
 def _fit(trainer: TorchTrainer) -> BaseException | None:

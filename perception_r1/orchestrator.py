@@ -20,7 +20,8 @@ requeues its prompts; a call the engine refused (PromptsRefused: a prompt over
 data.max_prompt_tokens, an image it cannot use) is split into one call per prompt, and a prompt refused
 alone, or a call that failed otherwise, releases its reservations and counts its prompts as skipped
 (by kind); a dropped or evicted group is counted; every seq ends trained, dropped,
-evicted, skipped or pending.
+evicted, skipped or pending. When as many prompts in a row as the dataset holds are skipped and none
+is generated, no step can ever come: `fatal` says so and dispatch stops (the session ends the run).
 
 The loop talks only to the seams of `core/seams.py` (Ray handles come through perception_r1/adapters.py),
 so tests drive it with in-process fakes.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections import Counter, deque
 from dataclasses import dataclass
 
@@ -39,6 +41,9 @@ from core.seams import Buffer, Generator, GeneratorLost, PromptsRefused, Scorer
 from perception_r1.stream import PromptStream
 
 log = logging.getLogger("perception_r1")
+LOUD_SKIPS = 5
+"""Skip warnings logged one by one per kind; after that, one in every QUIET_EVERY."""
+QUIET_EVERY = 100
 
 
 @dataclass(frozen=True)
@@ -60,11 +65,16 @@ class Orchestrator:
         self.stopping = asyncio.Event()
         self.recent: deque = deque(maxlen=4)
         """The latest scored groups (sample rollout tables are drawn from them)."""
+        self.calls: dict[int, tuple[int, float]] = {}
+        """In-flight generate calls: call id -> (actor index, start time), for the watchdog's diagnosis."""
+        self.skipped_in_a_row = 0
+        self.fatal = ""
+        """Why no step can come (every prompt of the dataset skipped); empty while dispatch can go on."""
 
     async def run(self) -> None:
         """Dispatch until stop() or the buffer closes; in-flight work is left to finish or be cancelled."""
         m = self.settings.prompts_per_call
-        while not self.stopping.is_set():
+        while not self.stopping.is_set() and not self.fatal:
             if not await self.buffer.reserve(m):
                 break  # closed
             idx = await self._free_actor()
@@ -94,8 +104,14 @@ class Orchestrator:
             self.inflight[idx] += 1
             return idx
 
+    def oldest_call(self) -> tuple[int, float] | None:
+        """(actor index, start time) of the longest-running generate call, if any."""
+        return min(self.calls.values(), key=lambda c: c[1], default=None)
+
     async def _generate(self, idx: int, batch: list) -> None:
         seqs = [seq for seq, _ in batch]
+        call = id(batch)
+        self.calls[call] = (idx, time.monotonic())
         try:
             groups = await self.generators[idx].generate([p for _, p in batch])
         except GeneratorLost as e:
@@ -113,9 +129,11 @@ class Orchestrator:
             await self._skipped(idx, seqs, e)
             return
         finally:
+            self.calls.pop(call, None)
             async with self.slot_freed:
                 self.inflight[idx] -= 1
                 self.slot_freed.notify_all()
+        self.skipped_in_a_row = 0
         for seq, group in zip(seqs, groups):
             self._spawn(self._score_and_put(dataclasses.replace(group, seq=seq)))
 
@@ -133,13 +151,25 @@ class Orchestrator:
     async def _skipped(self, idx: int, seqs: list[int], error: Exception) -> None:
         """The call was refused or failed: the same prompts would fail the same way, so they are skipped."""
         self.counters["skipped_prompts"] += len(seqs)
-        if not isinstance(error, PromptsRefused):
-            self.counters[f"generate_errors/{type(error).__name__}"] += 1
-        log.warning("generation actor %d %s a call of %d prompts (%s: %s); skipped them", idx,
-                    "refused" if isinstance(error, PromptsRefused) else "failed", len(seqs),
-                    type(error).__name__, error)
+        kind = "refused_calls" if isinstance(error, PromptsRefused) else f"generate_errors/{type(error).__name__}"
+        self.counters[kind] += 1
+        n = self.counters[kind]
+        if n <= LOUD_SKIPS or n % QUIET_EVERY == 0:
+            log.warning("generation actor %d %s a call of %d prompts (%s: %s); skipped them%s", idx,
+                        "refused" if isinstance(error, PromptsRefused) else "failed", len(seqs),
+                        type(error).__name__, error,
+                        f" [{n} such calls so far; logging one in {QUIET_EVERY}]" if n >= LOUD_SKIPS else "")
         self.stream.resolve(seqs)
         await self.buffer.release(len(seqs))
+        self.skipped_in_a_row += len(seqs)
+        if self.skipped_in_a_row >= len(self.stream.prompts) and not self.fatal:
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.counters.items())
+                              if k == "refused_calls" or k.startswith("generate_errors/"))
+            self.fatal = (f"the last {self.skipped_in_a_row} prompts in a row (the dataset holds "
+                          f"{len(self.stream.prompts)}) were refused or failed in generation, none generated "
+                          f"({kinds}; the last: {type(error).__name__}: {error}); fix the data or the engine settings "
+                          "named in the warnings above")
+            log.error("%s", self.fatal)
 
     async def _score_and_put(self, group: RolloutGroup) -> None:
         try:

@@ -1,7 +1,12 @@
 """Complete checkpoints: the learner writes its shards into `step_<N>.tmp/`; the driver adds
 `driver.msgpack` (the prompt stream's position and the buffer's groups) and renames the folder to
 `step_<N>` -- an atomic rename, so a crash mid-write never leaves a broken newest checkpoint.
-Resume picks the newest folder that loads; a corrupt one is skipped with a warning.
+Resume picks the newest folder that loads; a corrupt one is skipped with a warning. A `.tmp`
+folder nobody will complete (the run stopped, crashed or was killed mid-write) is removed at the end
+of the run and before the next one starts in the folder.
+
+When the learner's report queue dies, the learner writes the step reports it could not deliver into
+its last checkpoint folder (`unreported.msgpack`); `unfinished_with_reports` finds it for the driver.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from pathlib import Path
 import msgpack
 
 from core import codec
-from core.records import ScoredGroup
+from core.records import LearnerStep, ScoredGroup
+from learner.sharded_state import LEARNER_META, UNREPORTED_FILE
 from perception_r1.stream import StreamState
 
 log = logging.getLogger("perception_r1")
@@ -54,6 +60,26 @@ def load_latest(root: Path) -> tuple[Path, DriverState] | None:
         except (OSError, ValueError, KeyError, TypeError, msgpack.UnpackException, json.JSONDecodeError) as e:
             log.warning("checkpoint %s is unreadable (%s: %s); falling back to an older one", path,
                         type(e).__name__, e)
+    return None
+
+
+def remove_unfinished(root: Path) -> list[Path]:
+    """Delete `step_<N>.tmp` folders (call only while no learner of this folder can be writing one)."""
+    removed = sorted(root.glob("step_*.tmp")) if root.is_dir() else []
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    if removed:
+        log.info("removed %d interrupted checkpoint folder(s) under %s", len(removed), root)
+    return removed
+
+
+def unfinished_with_reports(root: Path) -> tuple[Path, list[LearnerStep]] | None:
+    """The newest `.tmp` folder whose learner part is complete, with the step reports the learner could
+    not deliver (oldest first)."""
+    for path in sorted(root.glob("step_*.tmp"), reverse=True):
+        if (path / LEARNER_META).is_file() and (path / UNREPORTED_FILE).is_file():
+            raw = msgpack.unpackb((path / UNREPORTED_FILE).read_bytes(), raw=False)
+            return path, [codec.decode(b, LearnerStep) for b in raw]
     return None
 
 

@@ -3,6 +3,20 @@ report loop, which turns each learner report into one row of metrics for every s
 prompt-stream ledger, completes checkpoints, and shows progress. Stops at the step budget, when
 the learner ends, or on request (Ctrl-C / SIGTERM: the buffer closes, the learner checkpoints).
 
+Nothing waits forever (perception_r1/watchdog.py): the learner must come up, steps must keep coming,
+and a stop must end, each within its deadline; when one passes, or dispatch finds no usable prompt,
+or an actor the run needs dies (`PeerLost`), `fatal` names the cause and the run stops keeping what
+is safe. A stop before the learner is up ends at once (nothing to save). Metrics-only peers (the
+judge's statistics, the actors' counters) never stop the run.
+
+Fates of the run's actors, as the driver sees them:
+    generation actor   restarted by Ray; its in-flight prompts requeued           (orchestrator.py)
+    learner worker     restarted by Ray Train from the newest checkpoint; its taken batch requeued
+    replay buffer      lost: the learner checkpoints (buffered groups regenerate on resume), run stops
+    report queue       lost: the learner stops, checkpoints with the reports it could not deliver; the
+                       driver completes that checkpoint from them (`salvage`), the run stops
+    judge stats board  restarted by Ray; the replicas' cumulative counters refill it
+
 Like the orchestrator it talks only to the seams of `core/seams.py`, so tests drive it with fakes.
 """
 
@@ -27,11 +41,12 @@ from core.records import (
     LearnerStep,
     ScoredGroup,
 )
-from core.seams import Buffer, Generator, MetricsSink, ReportSource, Scorer
+from core.seams import Buffer, Generator, MetricsSink, PeerLost, ReportSource, Scorer
 from perception_r1 import run_checkpoints
 from perception_r1.orchestrator import DispatchSettings, Orchestrator
 from perception_r1.step_metrics import buffer_metrics, generation_metrics, judge_metrics
 from perception_r1.stream import PromptStream
+from perception_r1.watchdog import Deadlines, Watchdog
 
 log = logging.getLogger("perception_r1")
 
@@ -39,11 +54,12 @@ log = logging.getLogger("perception_r1")
 class Session:
     def __init__(self, cfg: Config, *, stream: PromptStream, generators: list[Generator], scorer: Scorer,
                  buffer: Buffer, reports: ReportSource, sinks: MetricsSink, start_version: int,
-                 buffered: list[ScoredGroup], ledger: Path) -> None:
+                 buffered: list[ScoredGroup], ledger: Path, checkpoint_root: Path | None = None) -> None:
         self.cfg, self.stream, self.generators, self.scorer, self.buffer = cfg, stream, generators, scorer, buffer
         self.reports, self.sinks, self.version, self.buffered = reports, sinks, start_version, buffered
         self.ledger = ledger
         """`trained.jsonl`: one line per learner step, the stream positions and prompt ids it trained (audit, resume checks)."""
+        self.checkpoint_root = checkpoint_root
         self.session_id = f"{os.getpid()}-{int(time.time())}"
         settings = DispatchSettings(prompts_per_call=cfg.rollout.prompts_per_call,
                                     max_inflight_per_actor=cfg.rollout.max_inflight_per_actor,
@@ -51,67 +67,147 @@ class Session:
         self.orchestrator = Orchestrator(stream=stream, generators=generators, scorer=scorer, buffer=buffer,
                                          settings=settings)
         self.stop_requested = False
+        self.fatal = ""
+        """Why the run cannot go on (a deadline passed, no usable prompt, a needed actor died); empty if it can."""
+        self.reports_lost = False
+        self.watchdog = Watchdog(Deadlines(startup_s=cfg.run.startup_timeout_s, stall_s=cfg.run.stall_timeout_s,
+                                           stop_s=cfg.run.stop_timeout_s))
         self.steps_logged = 0
         self.learner_starts = 0
         self.history: list[tuple[float, dict[str, float]]] = []
         """(wall time, metrics) of every logged step, for benchmarks and the run summary."""
         self.judge_before = JudgeStats()
         self.window_start = time.perf_counter()
-        self.progress = _progress(cfg, start_version)
+        self.progress = None
+        self.buffer_closed = False
 
     def request_stop(self) -> None:
         if not self.stop_requested:
-            log.warning("stop requested: closing the buffer; the learner checkpoints and exits")
+            log.warning("stop requested: closing the buffer; the learner checkpoints and exits"
+                        if self.learner_starts else "stop requested before the learner is up: ending now")
         self.stop_requested = True
+        self.watchdog.stopping()
+
+    def fail(self, cause: str) -> None:
+        """Stop the run for `cause` (kept: the first cause is the one reported)."""
+        if not self.fatal:
+            self.fatal = cause
+            log.error("%s", cause)
+        self.request_stop()
 
     def counters(self) -> Counter[str]:
         return self.orchestrator.counters
 
     async def run(self, *, learner_alive: Callable[[], bool]) -> None:
-        await self._readmit()
-        dispatch = asyncio.get_running_loop().create_task(self.orchestrator.run())
+        dispatch = asyncio.get_running_loop().create_task(self._dispatch())
+        dispatch.add_done_callback(self._dispatch_ended)
         try:
             await self._report_loop(learner_alive)
         finally:
             self.orchestrator.stop()
-            histogram = (await self.buffer.stats()).taken_staleness
-            self.sinks.log_dict({str(k): v for k, v in sorted(histogram.items())},
+            await self._close_down(dispatch)
+
+    async def _dispatch(self) -> None:
+        await self._readmit()  # waits for the learner's first version: under the report loop's deadlines
+        await self.orchestrator.run()
+
+    def _dispatch_ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and isinstance(task.exception(), PeerLost):
+            self.fail(f"{task.exception()}; the run stops")
+
+    async def _close_down(self, dispatch: asyncio.Task) -> None:
+        stats = await self._peer(self.buffer.stats(), None)
+        if stats is not None:
+            self.sinks.log_dict({str(k): v for k, v in sorted(stats.taken_staleness.items())},
                                 artifact_file="staleness_histogram.json")
-            await self.buffer.close()
-            dispatch.cancel()
-            (outcome,) = await asyncio.gather(dispatch, return_exceptions=True)
-            if isinstance(outcome, Exception):
-                log.error("the dispatch loop failed: %r", outcome)
-            await self.orchestrator.drain(timeout_s=10.0)
-            if self.progress is not None:
-                self.progress.close()
+        await self._close_buffer()
+        dispatch.cancel()
+        (outcome,) = await asyncio.gather(dispatch, return_exceptions=True)
+        if isinstance(outcome, Exception) and not isinstance(outcome, PeerLost):
+            log.error("the dispatch loop failed: %r", outcome)
+        await self.orchestrator.drain(timeout_s=10.0)
+        if self.progress is not None:
+            self.progress.close()
 
     async def _readmit(self) -> None:
         """Groups that waited in the buffer at the checkpoint go back in first (still fresh ones only)."""
         for scored in self.buffered:
-            await self.buffer.reserve(1)
+            if not await self.buffer.reserve(1):
+                break  # closed: the run is stopping
             if await self.buffer.put(scored):
                 self.stream.claim(scored.group.seq)
         self.buffered = []
 
     async def _report_loop(self, learner_alive: Callable[[], bool]) -> None:
-        closing = False
         while True:
-            if self.stop_requested and not closing:
-                closing = True
-                await self.buffer.close()
-            report = await self.reports.get(timeout_s=0.5)
-            if report is None:
-                if not learner_alive() and await self.reports.empty():
-                    return
+            self._watch()
+            if self.stop_requested:
+                await self._close_buffer()
+                if not self.learner_starts or self.watchdog.overdue(learner_up=True) == "stop":
+                    return  # nothing to save yet, or the learner had its time
+            if self.reports_lost:  # no report can come: wait for the learner to end, then salvage
+                if not learner_alive():
+                    return await self._salvage()
+                await asyncio.sleep(0.5)
                 continue
-            await self._on_report(report)
+            try:
+                report = await self.reports.get(timeout_s=0.5)
+                if report is None:
+                    if not learner_alive() and await self.reports.empty():
+                        return
+                    continue
+                await self._on_report(report)
+            except PeerLost as e:
+                self.reports_lost = self.reports_lost or e.peer == PeerLost.REPORTS
+                self.fail(f"{e}; the run stops")
+
+    def _watch(self) -> None:
+        if self.orchestrator.fatal:
+            self.fail(self.orchestrator.fatal)
+        phase = self.watchdog.overdue(learner_up=self.learner_starts > 0)
+        if phase == "startup":
+            self.fail(f"the learner did not come up within run.startup_timeout_s={self.cfg.run.startup_timeout_s:g}s "
+                      "(Ray Train could not place or start its workers, or the model load hangs; see the learner's "
+                      "log lines above); fix that, or raise run.startup_timeout_s")
+        elif phase == "stall":
+            self.fail(self._stall_cause())
+        elif phase == "stop" and not self.fatal:
+            self.fatal = (f"the learner did not end within run.stop_timeout_s={self.cfg.run.stop_timeout_s:g}s of the "
+                          "stop; the steps since the last complete checkpoint are lost")
+            log.error("%s", self.fatal)
+
+    def _stall_cause(self) -> str:
+        waited = f"no learner step for {self.watchdog.since_progress():.0f}s (run.stall_timeout_s)"
+        oldest = self.orchestrator.oldest_call()
+        if oldest is not None and time.monotonic() - oldest[1] > self.cfg.run.stall_timeout_s / 2:
+            return (f"{waited}: generation actor {oldest[0]} has had a call in flight for "
+                    f"{time.monotonic() - oldest[1]:.0f}s (a stalled engine); the run stops")
+        c = self.orchestrator.counters
+        if c["skipped_prompts"] and not self.orchestrator.recent:
+            return f"{waited}: every generate call was refused or failed ({c['skipped_prompts']} prompts skipped)"
+        return (f"{waited}: the learner holds no step's worth of admissible groups or does not finish its step "
+                f"(groups scored recently: {len(self.orchestrator.recent)}, dropped uniform {c['dropped_uniform']}, "
+                f"evicted {c['evicted_at_put']}); see the learner's log lines above")
+
+    async def _close_buffer(self) -> None:
+        if not self.buffer_closed:
+            self.buffer_closed = True
+            await self._peer(self.buffer.close(), None)
+
+    async def _peer(self, call, default):
+        """`await call`, or `default` (and the run stops) when the peer is gone."""
+        try:
+            return await call
+        except PeerLost as e:
+            self.fail(f"{e}; the run stops")
+            return default
 
     async def _on_report(self, report: LearnerReport) -> None:
+        self.watchdog.progress()
         if isinstance(report, LearnerStarted):
             await self._on_learner_start(report.version)
             return
-        self.stream.resolve(await self.buffer.pop_evicted_seqs())
+        self.stream.resolve(await self._peer(self.buffer.pop_evicted_seqs(), []))
         if isinstance(report, LearnerStep):
             await self._on_step(report)
         else:
@@ -142,9 +238,10 @@ class Session:
         self.learner_starts += 1
         if self.learner_starts == 1:
             self.window_start = time.perf_counter()  # start-up is not part of the first step's time
-            log.info("the learner is up at version %d; training", version)
+            log.info("start-up done: the learner is up at version %d; training", version)
+            self.progress = _progress(self.cfg, version)
             return
-        lost = [seq for seq in await self.buffer.pop_lost_seqs() if seq in self.stream.outstanding]
+        lost = [seq for seq in await self._peer(self.buffer.pop_lost_seqs(), []) if seq in self.stream.outstanding]
         self.stream.requeue(lost)
         self.counters()["learner_restarts"] += 1
         self.counters()["lost_with_learner"] += len(lost)
@@ -162,11 +259,13 @@ class Session:
         now = time.perf_counter()
         wall, self.window_start = now - self.window_start, now
         gen = await asyncio.gather(*[g.stats() for g in self.generators], return_exceptions=True)
-        judge_now = await self.scorer.stats()
+        judge_now = await self._judge_stats()
         metrics = dict(report.metrics)
         metrics.update(generation_metrics([g for g in gen if not isinstance(g, BaseException)], wall_seconds=wall))
         metrics.update(judge_metrics(judge_now, self.judge_before))
-        metrics.update(buffer_metrics(await self.buffer.stats()))
+        buffer = await self._peer(self.buffer.stats(), None)
+        if buffer is not None:
+            metrics.update(buffer_metrics(buffer))
         metrics.update({f"driver/{k}": float(v) for k, v in self.orchestrator.counters.items()})
         n = self.cfg.learner.prompts_per_step * self.cfg.rollout.samples_per_prompt
         metrics["throughput/samples_per_s"] = n / max(wall, 1e-9)
@@ -174,8 +273,33 @@ class Session:
         self.judge_before = judge_now
         return metrics
 
+    async def _judge_stats(self) -> JudgeStats:
+        """The judge's counters; on failure (its statistics board restarting) the last ones: metrics only."""
+        try:
+            return await self.scorer.stats()
+        except Exception as e:  # noqa: BLE001 -- metrics-only: never stops the run
+            self.counters()["judge_stats_unavailable"] += 1
+            log.warning("judge statistics unavailable this step (%s: %s); training goes on", type(e).__name__, e)
+            return self.judge_before
+
+    async def _salvage(self) -> None:
+        """The report queue died: the learner stopped and checkpointed with the step reports it could not
+        deliver. Log those steps, then complete that checkpoint, so nothing trained is lost or trained twice."""
+        found = run_checkpoints.unfinished_with_reports(self.checkpoint_root) if self.checkpoint_root else None
+        if found is None:
+            log.error("no checkpoint of the learner's last steps to salvage; the steps since the last complete "
+                      "checkpoint are lost")
+            return
+        tmp, reports = found
+        if any(r.step != v for r, v in zip(reports, range(self.version, self.version + len(reports)))):
+            log.error("checkpoint %s does not follow version %d; not completing it", tmp, self.version)
+            return
+        for report in reports:
+            await self._on_step(report)
+        await self._complete_checkpoint(tmp, version=self.version)
+
     async def _complete_checkpoint(self, tmp: Path, *, version: int) -> None:
-        buffered = await self.buffer.buffered()
+        buffered = await self._peer(self.buffer.buffered(), [])
         state = run_checkpoints.DriverState(version=version, stream=self.stream.state(), buffered=buffered)
         final = run_checkpoints.complete(tmp, state, keep=self.cfg.checkpoint.keep)
         self.sinks.log_checkpoint(str(final), version=version)

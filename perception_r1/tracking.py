@@ -59,6 +59,9 @@ class MlflowSink:
         import mlflow
 
         self.mlflow = mlflow
+        # a tracking server that stops answering mid-run costs a step's log line, not minutes of retries
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         use_experiment(mlflow_uri(cfg.tracking), cfg.tracking.experiment)
         id_file = run_dir / "mlflow_run_id"
         run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
@@ -95,7 +98,11 @@ class ConsoleSink(_NoArtifacts):
     KEYS = ("reward/total", "reward/accuracy", "reward/format", "reward/visual", "staleness/mean",
             "learner/loss", "gen/tokens_per_s", "learner/step_seconds", "sync/seconds")
 
-    def __init__(self, *, every: int = 1, write=print) -> None:
+    def __init__(self, *, every: int = 1, write=None) -> None:
+        if write is None:
+            from tqdm import tqdm
+
+            write = tqdm.write  # above the progress bar, not onto its line
         self.every, self.write = every, write
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,9 +20,17 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from perception_r1.driver import train
+    from perception_r1.driver import RunFailed, train
+    from perception_r1.stop_signals import Interrupted
 
-    result = train(cfg, resume=args.resume)
+    try:
+        result = train(cfg, resume=args.resume)
+    except Interrupted as e:
+        print(f"perception-r1 train: stopped: {e}", file=sys.stderr)
+        return 130
+    except RunFailed as e:
+        print(f"perception-r1 train: run failed: {e}", file=sys.stderr)
+        return 1
     print(f"done: version {result.final_version}, {result.steps_logged} steps logged to mlflow run "
           f"{result.mlflow_run_id}; run folder {result.run_dir}" + (" (stopped early)" if result.stopped_early else ""))
     return 130 if result.stopped_early else 0

@@ -31,12 +31,35 @@ def free_port() -> int:
 
 
 def run_in_thread(cfg):
+    """train(cfg) in a thread: `out["result"]`, or `out["error"]` if it raised."""
     from perception_r1.driver import train
 
     out = {}
-    thread = threading.Thread(target=lambda: out.update(result=train(cfg)), daemon=True)
+
+    def target():
+        try:
+            out["result"] = train(cfg)
+        except Exception as e:  # noqa: BLE001 -- handed to the test
+            out["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
     thread.start()
     return thread, out
+
+
+def actor_pid(ray, class_name: str) -> int:
+    from ray.util.state import list_actors
+
+    alive = list_actors(address=ray.get_runtime_context().gcs_address,
+                        filters=[("state", "=", "ALIVE"), ("class_name", "=", class_name)])
+    assert len(alive) == 1, alive
+    return alive[0].pid
+
+
+def complete_checkpoints(run_dir: Path) -> list[str]:
+    root = run_dir / "checkpoints"
+    assert not list(root.glob("*.tmp")), "an interrupted checkpoint folder was left behind"
+    return sorted(p.name for p in root.glob("step_*"))
 
 
 def ledger(run_dir: Path) -> list[dict]:
@@ -112,6 +135,50 @@ def test_killed_learner_worker_restarts_from_the_newest_checkpoint(ray_local, tm
     assert result.counters.get("lost_with_learner", 0) <= cfg.learner.prompts_per_step  # at most its batch
     seqs = [s for line in lines for s in line["seqs"]]
     assert len(seqs) == len(set(seqs))  # groups are never trained twice, even across the restart
+
+
+@pytest.mark.reliability(fault="judge statistics board SIGKILLed, later the replay buffer SIGKILLed", outcome="the board is restarted and training goes on; the buffer's death stops the run naming it, after the learner checkpoints its last step (completed by the driver); nothing trained twice; no .tmp left")
+def test_killed_stats_board_is_harmless_and_a_killed_buffer_stops_the_run_keeping_its_steps(ray_local, tmp_path):
+    from core.config_files import load_config
+    from perception_r1.driver import RunFailed
+
+    cfg = load_config(REPO / "configs" / "demo-cpu.yaml", small(tmp_path, "run.num_steps=60", "checkpoint.every_steps=0"))
+    thread, out = run_in_thread(cfg)
+    run_dir = tmp_path / "demo-cpu"
+    wait_steps(run_dir, 2)
+    os.kill(actor_pid(ray_local, "StatsBoard"), signal.SIGKILL)  # metrics only
+    wait_steps(run_dir, len(ledger(run_dir)) + 4)
+    os.kill(actor_pid(ray_local, "ReplayBuffer"), signal.SIGKILL)
+    thread.join(timeout=180)
+    assert not thread.is_alive(), "the run did not stop after the buffer died"
+    assert isinstance(out.get("error"), RunFailed), out
+    assert str(out["error"]).startswith("the replay buffer actor died"), out["error"]
+    lines = ledger(run_dir)
+    assert complete_checkpoints(run_dir) == [f"step_{lines[-1]['version']:06d}"]  # the last step is kept
+    seqs = [s for line in lines for s in line["seqs"]]
+    assert len(seqs) == len(set(seqs)) and len(lines) < 60
+
+
+@pytest.mark.reliability(fault="the learner's report queue SIGKILLed mid-run", outcome="the learner stops and checkpoints with the reports it could not deliver; the driver logs those steps and completes the checkpoint; the run stops naming the cause; nothing lost, nothing trained twice")
+def test_killed_report_queue_stops_the_run_and_salvages_the_last_steps(ray_local, tmp_path):
+    from core.config_files import load_config
+    from perception_r1.driver import RunFailed
+    from perception_r1.run_checkpoints import read_driver_state
+
+    cfg = load_config(REPO / "configs" / "demo-cpu.yaml", small(tmp_path, "run.num_steps=60", "checkpoint.every_steps=0"))
+    thread, out = run_in_thread(cfg)
+    run_dir = tmp_path / "demo-cpu"
+    wait_steps(run_dir, 3)
+    os.kill(actor_pid(ray_local, "_QueueActor"), signal.SIGKILL)
+    thread.join(timeout=180)
+    assert not thread.is_alive(), "the run did not stop after the report queue died"
+    assert isinstance(out.get("error"), RunFailed) and "report queue actor died" in str(out["error"]), out
+    lines = ledger(run_dir)
+    (name,) = complete_checkpoints(run_dir)
+    state = read_driver_state(run_dir / "checkpoints" / name)
+    assert state.version == lines[-1]["version"] and [line["step"] for line in lines] == list(range(len(lines)))
+    trained = [s for line in lines for s in line["seqs"]]
+    assert len(trained) == len(set(trained)) and not set(trained) & set(state.stream.pending)
 
 
 @pytest.mark.reliability(fault="an actor never joins the weight broadcast", outcome="the sync fails within sync.timeout_s naming the stuck actor; no silent hang")

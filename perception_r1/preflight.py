@@ -1,0 +1,84 @@
+"""Checks a run makes before it starts anything (Ray included) or, for the cluster's resources, right
+after connecting and before it asks for any: each failure is one `ValueError` naming the field or
+the folder and the fix, instead of a wait that never ends or a traceback minutes in.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from core.config import Config, resources_requested
+
+SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
+TRACKING_PROBE_S = 10.0
+
+
+def os_error_text(e: OSError) -> str:
+    """An OS error as a user reads it: 'no space left on device (ENOSPC)'."""
+    code = errno.errorcode.get(e.errno or 0, "")
+    reason = (e.strerror or str(e)).lower()
+    return f"{reason} ({code})" if code else reason
+
+
+def check_model_type(path: Path) -> None:
+    """The folder holds a Qwen2.5-VL (a text-only or other model would fail minutes in, deep in a worker)."""
+    meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    model_type = meta.get("model_type", "")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model.path {path} holds a '{model_type or 'unknown'}' model "
+                         f"({', '.join(meta.get('architectures') or ['no architectures listed'])}); perception-r1 trains "
+                         "Qwen2.5-VL (model_type qwen2_5_vl): point model.path at a Qwen2.5-VL folder")
+
+
+def check_writable(folder: Path, *, field: str) -> None:
+    """Create `folder` and write a probe file in it; the OS's reason (no space, permission) named if not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{field}: cannot write to {folder}: {os_error_text(e)}; free space or pick a "
+                         "writable folder") from None
+
+
+def check_tracking(uri: str, *, timeout_s: float = TRACKING_PROBE_S) -> None:
+    """A tracking server answers within `timeout_s` (mlflow itself would retry for minutes); a local
+    store's folder is writable."""
+    if uri.startswith(("http://", "https://")):
+        _probe_http(uri.rstrip("/") + "/health", timeout_s=timeout_s)
+    elif uri.startswith("sqlite:///"):
+        check_writable(Path(uri.removeprefix("sqlite:///")).resolve().parent, field="tracking.mlflow_uri")
+    elif uri.startswith("file:") or "://" not in uri:
+        check_writable(Path(uri.removeprefix("file://").removeprefix("file:")).resolve(), field="tracking.mlflow_uri")
+
+
+def _probe_http(url: str, *, timeout_s: float) -> None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s):  # noqa: S310 -- the user's own tracking URI
+            return
+    except urllib.error.HTTPError:
+        return  # it answered: a server is there (some proxies have no /health)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise ValueError(f"tracking.mlflow_uri: no mlflow server answers at {url} within {timeout_s:.0f}s ({reason}); "
+                         "start it, fix the URI, or leave tracking.mlflow_uri unset for the local sqlite store") from None
+
+
+# ------------------------------------------------------------------------------------- resources
+def check_resources(cfg: Config, total: dict[str, float]) -> None:
+    """What the run asks for fits what the cluster has in total (Ray would otherwise wait forever)."""
+    need = resources_requested(cfg)
+    short = [k for k, v in need.items() if v > total.get(k, 0.0) + 1e-9]
+    if short:
+        have = ", ".join(f"{k} {total.get(k, 0.0):g}" for k in need)
+        asked = ", ".join(f"{k} {v:g}" for k, v in need.items())
+        raise ValueError(f"the run asks for {asked} but the Ray cluster has {have} in all; lower "
+                         "learner.num_workers / learner.cpus_per_worker / rollout.num_actors / "
+                         "rollout.num_gpus_per_actor / learner.num_gpus_per_worker, or give the cluster more "
+                         "(cluster.num_cpus / cluster.num_gpus for a local one)")
