@@ -28,8 +28,10 @@ REWARD_APP, JUDGE_LLM_APP = "reward", "judge-llm"
 class JudgeService:
     """The deployed judge: `await score(group)`, `await stats()`, `url` (HTTP, msgpack), `stop()`."""
 
-    def __init__(self, *, handle, board, url: str, apps: tuple[str, ...]) -> None:
+    def __init__(self, *, handle, board, url: str, apps: tuple[str, ...], started_serve: bool = False) -> None:
         self.handle, self.board, self.url, self.apps = handle, board, url, apps
+        self.started_serve = started_serve
+        """Serve was not running before `start_judge`: `stop()` shuts it down too (a job leaves nothing behind)."""
 
     async def score(self, group: RolloutGroup) -> ScoredGroup:
         return await self.handle.score.remote(group)
@@ -45,6 +47,8 @@ class JudgeService:
         for app in self.apps:
             serve.delete(app)
         ray.kill(self.board)
+        if self.started_serve and not serve.status().applications:
+            serve.shutdown()
 
 
 def start_judge(cfg: JudgeConfig) -> JudgeService:
@@ -56,6 +60,7 @@ def start_judge(cfg: JudgeConfig) -> JudgeService:
 
     # per-request access lines would flood the job log (thousands a step); they stay in Serve's log files
     quiet = {"log_level": "WARNING", "enable_access_log": False}  # serve.start's covers only the proxy and controller
+    started_serve = not _serve_running()
     serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port}, logging_config=quiet)
     base = f"http://{_client_host(cfg.http_host)}:{cfg.http_port}"
     llm, apps = cfg.llm, [REWARD_APP]
@@ -80,7 +85,19 @@ def start_judge(cfg: JudgeConfig) -> JudgeService:
     ray.get(board.all.remote())  # the board is up before the first report
     handle.warm_up.remote().result()
     log.info("judge up: score at %s/%s/score, judge LLM at %s (%s)", base, REWARD_APP, endpoint.base_url, endpoint.model)
-    return JudgeService(handle=handle, board=board, url=f"{base}/{REWARD_APP}/score", apps=tuple(apps))
+    return JudgeService(handle=handle, board=board, url=f"{base}/{REWARD_APP}/score", apps=tuple(apps),
+                        started_serve=started_serve)
+
+
+def _serve_running() -> bool:
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
 
 
 def _client_host(host: str) -> str:

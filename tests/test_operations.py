@@ -142,10 +142,27 @@ def test_ray_job_submit_against_a_running_head(tmp_path):
         run_id = (tmp_path / "demo-cpu" / "mlflow_run_id").read_text().strip()
         run = mlflow.MlflowClient().get_run(run_id)
         assert run.info.status == "FINISHED" and "reward/total" in run.data.metrics
+        assert f"run folder {tmp_path}/demo-cpu" in logs  # where the outputs are, said at start
+        left, seen = actor_classes(f"http://127.0.0.1:{dash}")  # everything the job started is gone
+        assert {"ServeController", "ReplayBuffer", "GenerationActor"} <= seen, seen  # (listed, as dead)
+        assert not {"ServeController", "ProxyActor", "ReplayBuffer", "GenerationActor", "StatsBoard"} & left, left
     finally:
         head.send_signal(signal.SIGTERM)  # --block: stopping the command stops its Ray processes
         head.wait(timeout=60)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def actor_classes(dashboard: str) -> tuple[set[str], set[str]]:
+    """Class names of the cluster's live actors and of all it has had, from the dashboard's state API (token auth)."""
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    request = urllib.request.Request(f"{dashboard}/api/v0/actors?limit=1000", headers={"Authorization": f"Bearer {token}"})
+    deadline = time.time() + 30
+    while True:
+        rows = json.loads(urllib.request.urlopen(request, timeout=10).read())["data"]["result"]["result"]
+        alive = {row["class_name"] for row in rows if row["state"] == "ALIVE"}
+        if not alive & {"ServeController", "ProxyActor"} or time.time() > deadline:  # Serve winds down in seconds
+            return alive, {row["class_name"] for row in rows}
+        time.sleep(1)
 
 
 def submit_when_ready(client, *, diagnose, **job) -> str:
@@ -236,3 +253,44 @@ def test_sigterm_checkpoints_and_stops_cleanly(tmp_path):
     run = mlflow.MlflowClient().get_run((run_dir / "mlflow_run_id").read_text().strip())
     assert run.info.status == "KILLED"
     assert run.data.tags["checkpoint.latest"] == str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.reliability(fault="a second run started in a busy run folder; SIGINT seconds after Ray starts",
+                         outcome="the second is refused at once (exit 2) naming the first; the first stops within "
+                                 "seconds (exit 130, mlflow KILLED), nothing trained, no checkpoint")
+def test_second_run_is_refused_and_an_early_sigint_stops_the_first(tmp_path):
+    import threading
+
+    args = ["train", "configs/demo-cpu.yaml", *sum((["--set", o] for o in overrides(tmp_path, "run.num_steps=50")), [])]
+    first, lines = cli(args), []
+    threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True).start()
+
+    def wait_for(text: str, timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while not any(text in line for line in list(lines)):
+            assert first.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.2)
+
+    try:
+        wait_for("INFO perception_r1: run folder")  # the lock is held from here on
+        second = cli(args)
+        out, _ = second.communicate(timeout=60)
+        assert second.returncode == 2, out[-2000:]
+        assert f"is in use by another run (pid {first.pid} on" in out
+        wait_for("start-up: actors, learner and judge starting")  # Ray is up; the learner is not
+        first.send_signal(signal.SIGINT)
+        stopped = time.time()
+        first.wait(timeout=90)
+        assert first.returncode == 130, "".join(lines)[-3000:]
+        assert time.time() - stopped < 60
+    finally:
+        first.kill()
+    run_dir = tmp_path / "demo-cpu"
+    assert "perception-r1 train: stopped: SIGINT during start-up; nothing was trained" in "".join(lines)
+    assert not (run_dir / "trained.jsonl").exists() and not list((run_dir / "checkpoints").glob("*"))
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    run = mlflow.MlflowClient().get_run((run_dir / "mlflow_run_id").read_text().strip())
+    assert run.info.status == "KILLED"
