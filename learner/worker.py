@@ -73,7 +73,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.run.seed + rank)
     learner = Learner(wiring.model_path, cfg=cfg.learner, data=cfg.data, temperature=cfg.rollout.temperature,
                       device=device, random_weights=getattr(cfg.model, "random_weights", False))
-    version = _restore(learner, newest_complete(Path(wiring.checkpoint_root)) or wiring.resume_from)
+    version = _restore(learner, restore_point(Path(wiring.checkpoint_root), wiring.resume_from))
     sync = WeightBroadcaster(
         receivers=wiring.actors, rank=rank, backend=_backend(cfg, device), timeout_s=cfg.sync.timeout_s,
         bucket_bytes=cfg.sync.bucket_mb << 20, dtype=getattr(torch, cfg.learner.dtype), device=device,
@@ -258,6 +258,17 @@ def _probe(path: Path) -> OSError | None:
         except OSError:
             pass
         return e
+
+
+def restore_point(root: Path, resume_from: str | None) -> Path | None:
+    """What this worker restores: the checkpoint the driver chose (`--resume`, or none), or a newer complete
+    one, which only this run can have written (its folder is locked, and a run without --resume refuses a
+    folder holding checkpoints): where a worker restarted by Ray Train picks up."""
+    newest = newest_complete(root)
+    if resume_from is None:
+        return newest
+    chosen = Path(resume_from)
+    return newest if newest is not None and newest.name > chosen.name else chosen
 
 
 def _restore(learner: Learner, resume_from: str | Path | None) -> int:

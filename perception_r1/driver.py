@@ -191,9 +191,9 @@ def train(cfg: Config, *, resume: bool = False) -> RunResult:
         log.info("run folder %s; mlflow %s", run_dir.resolve(), mlflow_uri(cfg.tracking))
         run_checkpoints.remove_unfinished(run_dir / "checkpoints")  # the lock says no learner writes them
         (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-        model_path, prompts = _prepare(cfg, stop)
         restored = _find_resume(run_dir, resume=resume)
-        preflight.check_tracking(mlflow_uri(cfg.tracking))
+        preflight.check_tracking(mlflow_uri(cfg.tracking))  # before the model and the SFT warm start: fail fast
+        model_path, prompts = _prepare(cfg, stop)
         mlflow_sink = MlflowSink(cfg, run_dir=run_dir, resume=restored is not None)  # before Ray: fails fast
         status = "FAILED"
         try:

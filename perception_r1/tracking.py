@@ -112,8 +112,9 @@ class ConsoleSink(_NoArtifacts):
 
 
 class RayMetricsSink(_NoArtifacts):
-    """The system's own metrics on the Ray dashboard (Prometheus at the node's metrics port) through
-    `ray.util.metrics` gauges: `perception_r1_<name>`, per-actor series tagged `actor=<id>`."""
+    """The system's own metrics as `ray.util.metrics` gauges, exported as `ray_perception_r1_<name>` on each
+    node's metrics export port (Prometheus; charted with Grafana, see docs/dashboard.md), per-actor series
+    tagged `actor=<id>`."""
 
     def __init__(self, *, run_name: str) -> None:
         from ray.util.metrics import Gauge

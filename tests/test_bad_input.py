@@ -455,5 +455,5 @@ def test_prompt_over_max_tokens_is_a_counted_skip_not_a_stall():
 
     asyncio.run(run())
     assert not buffer.stalled and buffer.num_reserved == 30 and buffer.reserved == 0
-    assert orchestrator.counters == {"skipped_prompts": 30}
+    assert orchestrator.counters == {"skipped_prompts": 30, "refused_calls": 30}
     assert refused == [f"p{i}" for i in range(30)]  # each prompt once: a refused prompt is not retried
