@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from core.config import LearnerConfig
+from learner.varlen import patch_policy
 
 
 @dataclass(slots=True)
@@ -136,7 +137,7 @@ def _shared_prompt_logits(model: torch.nn.Module, batch: PackedBatch) -> Tensor:
     positions, deltas = model.model.get_rope_index(
         prompts["input_ids"], mm_token_type_ids=prompts["mm_token_type_ids"],
         image_grid_thw=prompts["image_grid_thw"], attention_mask=prompts["attention_mask"])
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     head = model(**prompts, position_ids=positions, use_cache=True, logits_to_keep=1)  # predicts token 0
     cache = getattr(head, cache_name)
     if cache is None or cache.get_seq_length() != prompts["input_ids"].shape[1]:
@@ -181,15 +182,34 @@ def load_policy(model_path: str, *, cfg: LearnerConfig, device: torch.device,
         model = AutoModelForImageTextToText.from_pretrained(
             model_path, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
     model.to(device)
+    # training mode: transformers checkpoints a block only when `self.training` (from_pretrained returns
+    # eval mode, so `gradient_checkpointing` did nothing before). Qwen2.5-VL has no dropout to turn on.
+    model.train()
     if cfg.freeze_vision:
         for p in _vision_tower(model).parameters():
             p.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpoint_every(model, k=cfg.checkpoint_every)
     model.config.use_cache = False
+    patch_policy(model)
+    if cfg.compile_blocks:
+        for block in _blocks(model):
+            block.compile(dynamic=True)
     if torch.distributed.is_initialized():
         _shard(model, compute_dtype=getattr(torch, cfg.dtype))
     return model
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return list(_vision_tower(model).blocks) + list(model.model.language_model.layers)
+
+
+def _checkpoint_every(model: torch.nn.Module, *, k: int) -> None:
+    """Keep checkpointing on every k-th block of the tower and of the language model only."""
+    for blocks in (_vision_tower(model).blocks, model.model.language_model.layers):
+        for i, block in enumerate(blocks):
+            block.gradient_checkpointing = i % k == 0
 
 
 def _vision_tower(model: torch.nn.Module) -> torch.nn.Module:
@@ -201,6 +221,6 @@ def _shard(model: torch.nn.Module, *, compute_dtype: torch.dtype) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for block in list(_vision_tower(model).blocks) + list(model.model.language_model.layers):
+    for block in _blocks(model):
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
