@@ -7,7 +7,7 @@ prompts (real images) with random completions. One model load measures, on the s
   attention loop, full logits) against the packed path -> `learner_mix_speedup` (tokens/s ratio);
 - `mfu`: every completion `--completion` tokens long, the packed path under each activation-
   checkpointing setting (all blocks / every 2nd / none) -> `learner_mfu` of the fastest that fits;
-- optionally (`--compile`) the fastest setting again with each block compiled.
+- optionally (a case ending `:compile`) a setting again with each block compiled.
 
     python -m benchmarks.bench_learner DIR/vl3b --gpus 1 --completion 1024
 MFU = model FLOPs (6 x params x tokens + attention 12 x layers x hidden x seq x tokens) / (time x peak),
@@ -114,30 +114,55 @@ def worker(rank: int, world: int, args, queue) -> None:
                         attn_implementation="sdpa", packing="always", optimizer={"lr": 1e-6, "warmup_steps": 0})
     learner = Learner(args.model, cfg=cfg, data=DataConfig(), temperature=1.0, device=device, random_weights=True)
     results: dict = {"params": sum(p.numel() for p in learner.model.parameters()) if world == 1 else None}
-    mix = batch(args.model, groups=args.groups, n=args.n, completion=None, seed=100 + rank)
-    fixed = batch(args.model, groups=args.groups, n=args.n, completion=args.completion, seed=rank)
-    timing = {"warmup": args.warmup, "steps": args.steps, "device": device}
-    for name, packed, every in (("mix_new", True, 0), ("mix_old", False, 1)):
-        def case(packed=packed, every=every):
-            set_path(learner, packed=packed, every=every)
-            return measure(learner, mix, **timing)
-        run_case(name, results, case)
-    for setting, every in CHECKPOINTING.items():
-        def case(every=every):
-            set_path(learner, packed=True, every=every)
-            return measure(learner, fixed, **timing)
-        run_case(f"mfu_{setting}", results, case)
-    if args.compile:
-        best = min(CHECKPOINTING, key=lambda s: results[f"mfu_{s}"].get("seconds", float("inf")))
-        def case(every=CHECKPOINTING[best]):
-            set_path(learner, packed=True, every=every)
-            for block in list(learner.model.model.visual.blocks) + list(learner.model.model.language_model.layers):
-                block.compile(dynamic=True)
-            return measure(learner, fixed, **timing) | {"checkpointing": best}
-        run_case("mfu_compiled", results, case)
+    batches = {"mix": batch(args.model, groups=args.groups, n=args.n, completion=None, seed=100 + rank),
+               "mfu": batch(args.model, groups=args.groups, n=args.n, completion=args.completion, seed=rank)}
+    eager = [c for c in args.cases if not c.endswith(":compile")]
+    for case in eager + ["profile"] + [c for c in args.cases if c not in eager]:
+        if case == "profile":
+            if args.profile:
+                run_case("profile", {}, lambda: profile(learner, args.profile, batches, device=device))
+            continue
+        run_case(case, results, lambda case=case: run_spec(learner, case, batches, args=args, device=device))
+        if rank == 0 and args.out_dir:  # what was measured survives a later case that hangs
+            with open(os.path.join(args.out_dir, "partial.json"), "w") as f:
+                json.dump(results, f, indent=1)
     if rank == 0:
         queue.put(results)
     dist.destroy_process_group()
+
+
+def run_spec(learner, spec: str, batches: dict, *, args, device: torch.device) -> dict:
+    """A case `BATCH:PATH:CHECKPOINTING:MICRO_TOKENS[:compile]`, e.g. `mix:old:all:16384`,
+    `mfu:new:none:8192:compile` (compiling is for good: later cases run compiled too)."""
+    name, path, checkpointing, micro, *rest = spec.split(":")
+    set_path(learner, packed=path == "new", every=CHECKPOINTING[checkpointing])
+    learner.cfg = learner.cfg.model_copy(update={"max_tokens_per_micro_batch": int(micro)})
+    if rest == ["compile"]:
+        for block in list(learner.model.model.visual.blocks) + list(learner.model.model.language_model.layers):
+            block.compile(dynamic=True)
+    return measure(learner, batches[name], warmup=args.warmup, steps=args.steps, device=device)
+
+
+def profile(learner, spec: str, batches: dict, *, device: torch.device) -> None:
+    """One step of case `spec` under torch.profiler: the top kernels and the GPU-busy time, printed."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    name, path, checkpointing, micro, *_ = spec.split(":")
+    set_path(learner, packed=path == "new", every=CHECKPOINTING[checkpointing])
+    learner.cfg = learner.cfg.model_copy(update={"max_tokens_per_micro_batch": int(micro)})
+    learner.step(batches[name])
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        learner.step(batches[name])
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 1e6
+    print(f"profile {spec}: wall {wall:.3f}s (profiled), kernels {busy:.3f}s")
+    print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
 
 
 def model_flops_per_token(config: dict, seq: int) -> tuple[float, int]:
@@ -162,9 +187,11 @@ def summarize(out: dict, *, config: dict, gpus: int, peak: float) -> tuple[list[
                      "mfu": flops_per_token * tokens_per_s / (peak * gpus), "peak_mem_gib": r["peak_mem_gib"]})
         metrics["lm_params_b"] = n_params / 1e9
     by_case = {row["case"]: row for row in rows}
-    if "mix_new" in by_case and "mix_old" in by_case:
-        metrics["learner_mix_speedup"] = by_case["mix_new"]["tokens_per_s"] / by_case["mix_old"]["tokens_per_s"]
-    mfu_rows = [row for row in rows if row["case"].startswith("mfu_")]
+    new = [row for row in rows if row["case"].startswith("mix:new")]
+    old = [row for row in rows if row["case"].startswith("mix:old")]
+    if new and old:
+        metrics["learner_mix_speedup"] = new[0]["tokens_per_s"] / old[0]["tokens_per_s"]
+    mfu_rows = [row for row in rows if row["case"].startswith("mfu:")]
     if mfu_rows:
         best = max(mfu_rows, key=lambda row: row["mfu"])
         metrics.update(learner_mfu=best["mfu"], chosen=best["case"], peak_mem_gib=best["peak_mem_gib"])
@@ -181,7 +208,11 @@ def main() -> None:
     parser.add_argument("--micro-tokens", type=int, default=16384)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="also measure the fastest setting with compiled blocks")
+    parser.add_argument("--cases", nargs="+", default=["mix:new:every2:16384", "mix:old:all:16384",
+                                                      "mfu:new:all:16384", "mfu:new:every2:16384",
+                                                      "mfu:new:none:8192"],
+                        help="BATCH:PATH:CHECKPOINTING:MICRO_TOKENS[:compile], run in order (see run_spec)")
+    parser.add_argument("--profile", default=None, help="a case to run once more under torch.profiler")
     parser.add_argument("--name", default=None)
     parser.add_argument("--out-dir", default=None, help="where the result JSON goes (default benchmarks/results)")
     args = parser.parse_args()

@@ -40,14 +40,42 @@ def _flash_varlen(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor, max_se
     from torch.nn.attention.varlen import varlen_attn
 
     kwargs = {"scale": scale, "window_size": (-1, 0) if causal else (-1, -1)}
+    cu = cu_seqlens.to(torch.int32)
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in inspect.signature(varlen_attn).parameters:
             kwargs["enable_gqa"] = True
-        else:  # an older torch: share the kv heads by copying them
+        elif not _GQA_NATIVE.get("ok", True):  # torch 2.11: share the kv heads by copying them
             repeat = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    cu = cu_seqlens.to(torch.int32)
+        elif "ok" not in _GQA_NATIVE:
+            _GQA_NATIVE["ok"] = _probe_native_gqa(varlen_attn, q)
+            return _flash_varlen(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, causal=causal, scale=scale)
     return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_seqlen, max_seqlen, **kwargs)
+
+
+_GQA_NATIVE: dict[str, bool] = {}
+"""Whether this torch's varlen kernel takes fewer kv heads than query heads (flash supports it; torch
+2.11's wrapper has no `enable_gqa` flag), probed once against the copied-heads result."""
+
+
+def _probe_native_gqa(varlen_attn, like: Tensor) -> bool:
+    g = torch.Generator(device=like.device).manual_seed(0)
+    q, k, v = (torch.randn(96, h, 64, device=like.device, dtype=like.dtype, generator=g) for h in (4, 2, 2))
+    cu = torch.tensor([0, 40, 96], dtype=torch.int32, device=like.device)
+    try:
+        q_, k_, v_ = (t.clone().requires_grad_() for t in (q, k, v))
+        out = varlen_attn(q_, k_, v_, cu, cu, 56, 56, window_size=(-1, 0))
+        out.float().square().sum().backward()
+    except (RuntimeError, ValueError):
+        return False
+    kr, vr = (t.repeat_interleave(2, dim=1).requires_grad_() for t in (k, v))
+    qr = q.clone().requires_grad_()
+    ref = varlen_attn(qr, kr, vr, cu, cu, 56, 56, window_size=(-1, 0))
+    ref.float().square().sum().backward()
+    same = torch.allclose(out.float(), ref.float(), atol=2e-2) and torch.allclose(q_.grad.float(), qr.grad.float(), atol=5e-2)
+    if not same or k_.grad is None or k_.grad.shape != k.shape:
+        return False
+    return torch.allclose(k_.grad.float(), kr.grad.float().view(96, 2, 2, 64).sum(2), atol=5e-2)
 
 
 def _sdpa_per_sequence(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor, causal: bool, scale: float) -> Tensor:
