@@ -113,7 +113,10 @@ def worker(rank: int, world: int, args, queue) -> None:
                         gradient_checkpointing=True, max_tokens_per_micro_batch=args.micro_tokens,
                         attn_implementation="sdpa", packing="always", optimizer={"lr": 1e-6, "warmup_steps": 0})
     learner = Learner(args.model, cfg=cfg, data=DataConfig(), temperature=1.0, device=device, random_weights=True)
-    results: dict = {"params": sum(p.numel() for p in learner.model.parameters()) if world == 1 else None}
+    from learner.varlen import probe_native_gqa
+
+    results: dict = {"params": sum(p.numel() for p in learner.model.parameters()) if world == 1 else None,
+                     "varlen_native_gqa": probe_native_gqa(torch.device("cuda", rank)) if cuda else None}
     batches = {"mix": batch(args.model, groups=args.groups, n=args.n, completion=None, seed=100 + rank),
                "mfu": batch(args.model, groups=args.groups, n=args.n, completion=args.completion, seed=rank)}
     eager = [c for c in args.cases if not c.endswith(":compile")]

@@ -56,6 +56,9 @@ class PackedRows:
     """float32 [B]."""
     suppressed: Tensor
     """int64 [S]: token ids generation never samples (log-prob -inf there)."""
+    vision_inputs: dict
+    """The vision tower's index tensors and longest attention spans, computed on the host from
+    `image_grid_thw` (transformers' `vision_utils`), so the tower's forward never waits on the GPU."""
 
     def unflatten(self, flat: Tensor) -> Tensor:
         """Flat [M] -> [B, Tmax], 0 on padding (differentiable)."""
@@ -64,7 +67,7 @@ class PackedRows:
 
 
 def pack_rows(seqs: list[Sequence], *, rope_index: Callable, image_token_id: int, suppressed: list[int],
-              device: torch.device) -> PackedRows:
+              vision_config, device: torch.device) -> PackedRows:
     """Build a micro-batch's packed row on the host (pinned when the device is a GPU), then move it."""
     runs = prompt_runs(seqs)
     prompt_pos = _prompt_positions(runs, rope_index=rope_index, image_token_id=image_token_id)
@@ -90,9 +93,26 @@ def pack_rows(seqs: list[Sequence], *, rope_index: Callable, image_token_id: int
         image_grid_thw=torch.cat([run[0].image_grid_thw for run in runs]),
         image_positions=torch.cat(image_positions), image_rows=torch.cat(image_rows), targets=torch.cat(targets),
         **_completion_layout(seqs), suppressed=torch.tensor(suppressed, dtype=torch.long))
+    vision, spans = _vision_inputs(tensors["image_grid_thw"], vision_config)
     pin = device.type == "cuda"
-    moved = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in tensors.items()}
-    return PackedRows(max_seqlen=max(lengths), **moved)
+    move = lambda t: (t.pin_memory() if pin else t).to(device, non_blocking=True)  # noqa: E731
+    return PackedRows(max_seqlen=max(lengths), **{k: move(v) for k, v in tensors.items()},
+                      vision_inputs={**{k: move(v) for k, v in vision.items()}, **spans})
+
+
+def _vision_inputs(grid_thw: Tensor, config) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """The tower's position ids, window order and window/image boundaries (keys its forward pops
+    from its kwargs), and the longest window and image (ints the varlen kernel sizes its grid by)."""
+    from transformers import vision_utils
+
+    merge, window, patch = config.spatial_merge_size, config.window_size, config.patch_size
+    cu_seqlens = vision_utils.get_vision_cu_seqlens(grid_thw)
+    window_index, cu_window = vision_utils.get_vision_window_index(
+        grid_thw, spatial_merge_size=merge, window_size=window, patch_size=patch)
+    tensors = {"position_ids": vision_utils.get_vision_position_ids(grid_thw, merge), "cu_seqlens": cu_seqlens,
+               "window_index": window_index, "cu_window_seqlens": cu_window}
+    longest = lambda cu: int((cu[1:] - cu[:-1]).max()) if len(cu) > 1 else 0  # noqa: E731
+    return tensors, {"max_seqlen": longest(cu_seqlens), "max_window_seqlen": longest(cu_window)}
 
 
 def _prompt_positions(runs: list[list[Sequence]], *, rope_index: Callable,
@@ -143,7 +163,7 @@ def packed_logprobs(model: torch.nn.Module, rows: PackedRows, *, temperature: fl
 
 def _image_embeds(visual: torch.nn.Module, rows: PackedRows) -> Tensor:
     """The merged vision tokens of every distinct prompt, once each, [I_distinct, hidden]."""
-    out = visual(rows.pixel_values, grid_thw=rows.image_grid_thw)
+    out = visual(rows.pixel_values, grid_thw=rows.image_grid_thw, **rows.vision_inputs)
     return out.pooler_output if hasattr(out, "pooler_output") else out[1]
 
 

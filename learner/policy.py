@@ -192,7 +192,7 @@ def load_policy(model_path: str, *, cfg: LearnerConfig, device: torch.device,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         _checkpoint_every(model, k=cfg.checkpoint_every)
     model.config.use_cache = False
-    patch_policy(model)
+    patch_policy(model, device=device)
     if cfg.compile_blocks:
         for block in _blocks(model):
             block.compile(dynamic=True)

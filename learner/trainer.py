@@ -108,7 +108,8 @@ class Learner:
         """(batch, logp [B, T], entropy [B, T] or None): the packed or the padded path."""
         if self.packed:
             rows = pack_rows(seqs, rope_index=model.model.get_rope_index, image_token_id=self.image_token_id,
-                             suppressed=self.suppressed, device=self.device)
+                             suppressed=self.suppressed, vision_config=model.config.vision_config,
+                             device=self.device)
             return (*_packed_logprobs(model, rows, temperature=self.temperature, with_entropy=with_entropy), rows)
         batch = self._pack(seqs)
         logits = completion_logits(model, batch)

@@ -44,23 +44,32 @@ def _flash_varlen(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor, max_se
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in inspect.signature(varlen_attn).parameters:
             kwargs["enable_gqa"] = True
-        elif not _GQA_NATIVE.get("ok", True):  # torch 2.11: share the kv heads by copying them
+        elif not _GQA_NATIVE.get(q.device, False):  # torch 2.11: share the kv heads by copying them
             repeat = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        elif "ok" not in _GQA_NATIVE:
-            _GQA_NATIVE["ok"] = _probe_native_gqa(varlen_attn, q)
-            return _flash_varlen(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, causal=causal, scale=scale)
     return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_seqlen, max_seqlen, **kwargs)
 
 
-_GQA_NATIVE: dict[str, bool] = {}
-"""Whether this torch's varlen kernel takes fewer kv heads than query heads (flash supports it; torch
-2.11's wrapper has no `enable_gqa` flag), probed once against the copied-heads result."""
+_GQA_NATIVE: dict[torch.device, bool] = {}
+"""Per device: whether this torch's varlen kernel takes fewer kv heads than query heads (flash supports
+it; torch 2.11's wrapper has no `enable_gqa` flag), probed at load against the copied-heads result."""
 
 
-def _probe_native_gqa(varlen_attn, like: Tensor) -> bool:
-    g = torch.Generator(device=like.device).manual_seed(0)
-    q, k, v = (torch.randn(96, h, 64, device=like.device, dtype=like.dtype, generator=g) for h in (4, 2, 2))
+def probe_native_gqa(device: torch.device) -> bool:
+    """Run once at load (outside any forward: a probe inside a checkpointed block would change what
+    the recomputation saves). Remembers and returns the answer."""
+    if device.type != "cuda":
+        return False
+    if device not in _GQA_NATIVE:
+        from torch.nn.attention.varlen import varlen_attn
+
+        _GQA_NATIVE[device] = _native_gqa_agrees(varlen_attn, device)
+    return _GQA_NATIVE[device]
+
+
+def _native_gqa_agrees(varlen_attn, device: torch.device) -> bool:
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(96, h, 64, device=device, dtype=torch.bfloat16, generator=g) for h in (4, 2, 2))
     cu = torch.tensor([0, 40, 96], dtype=torch.int32, device=like.device)
     try:
         q_, k_, v_ = (t.clone().requires_grad_() for t in (q, k, v))
@@ -156,8 +165,10 @@ def _root_forward(self, *args, packed=None, **kwargs):
     return type(self).forward(self, *args, **kwargs)
 
 
-def patch_policy(model: torch.nn.Module) -> None:
+def patch_policy(model: torch.nn.Module, *, device: torch.device) -> None:
     """All three patches on a Qwen2.5-VL policy (call before sharding)."""
+    if device.type == "cuda":
+        probe_native_gqa(torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index))
     for layer in model.model.language_model.layers:
         patch_text_attention(layer.self_attn)
     set_vision_varlen(model, enabled=True)
