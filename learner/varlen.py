@@ -70,7 +70,7 @@ def probe_native_gqa(device: torch.device) -> bool:
 def _native_gqa_agrees(varlen_attn, device: torch.device) -> bool:
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(96, h, 64, device=device, dtype=torch.bfloat16, generator=g) for h in (4, 2, 2))
-    cu = torch.tensor([0, 40, 96], dtype=torch.int32, device=like.device)
+    cu = torch.tensor([0, 40, 96], dtype=torch.int32, device=device)
     try:
         q_, k_, v_ = (t.clone().requires_grad_() for t in (q, k, v))
         out = varlen_attn(q_, k_, v_, cu, cu, 56, 56, window_size=(-1, 0))
