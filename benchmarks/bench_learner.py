@@ -142,7 +142,8 @@ def run_spec(learner, spec: str, batches: dict, *, args, device: torch.device) -
     learner.cfg = learner.cfg.model_copy(update={"max_tokens_per_micro_batch": int(micro)})
     if rest == ["compile"]:
         for block in list(learner.model.model.visual.blocks) + list(learner.model.model.language_model.layers):
-            block.compile(dynamic=True)
+            if block._compiled_call_impl is None:
+                block.compile(dynamic=True)
     return measure(learner, batches[name], warmup=args.warmup, steps=args.steps, device=device)
 
 
@@ -189,7 +190,6 @@ def summarize(out: dict, *, config: dict, gpus: int, peak: float) -> tuple[list[
         rows.append({"case": name, "seq_len": seq, "step_s": r["seconds"], "tokens_per_s": tokens_per_s,
                      "mfu": flops_per_token * tokens_per_s / (peak * gpus), "peak_mem_gib": r["peak_mem_gib"]})
         metrics["lm_params_b"] = n_params / 1e9
-    by_case = {row["case"]: row for row in rows}
     new = [row for row in rows if row["case"].startswith("mix:new")]
     old = [row for row in rows if row["case"].startswith("mix:old")]
     if new and old:
@@ -222,7 +222,8 @@ def main() -> None:
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(worker, args=(args.gpus, args, queue), nprocs=args.gpus, join=True)
     out = queue.get()
-    config = json.loads(open(os.path.join(args.model, "config.json")).read())
+    with open(os.path.join(args.model, "config.json")) as f:
+        config = json.load(f)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), 989.4) * 1e12
     rows, metrics = summarize(out, config=config, gpus=args.gpus, peak=peak)

@@ -95,7 +95,7 @@ def pack_rows(seqs: list[Sequence], *, rope_index: Callable, image_token_id: int
         **_completion_layout(seqs), suppressed=torch.tensor(suppressed, dtype=torch.long))
     vision, spans = _vision_inputs(tensors["image_grid_thw"], vision_config)
     pin = device.type == "cuda"
-    move = lambda t: (t.pin_memory() if pin else t).to(device, non_blocking=True)  # noqa: E731
+    move = lambda t: (t.pin_memory() if pin else t).to(device, non_blocking=True)
     return PackedRows(max_seqlen=max(lengths), **{k: move(v) for k, v in tensors.items()},
                       vision_inputs={**{k: move(v) for k, v in vision.items()}, **spans})
 
@@ -111,7 +111,7 @@ def _vision_inputs(grid_thw: Tensor, config) -> tuple[dict[str, Tensor], dict[st
         grid_thw, spatial_merge_size=merge, window_size=window, patch_size=patch)
     tensors = {"position_ids": vision_utils.get_vision_position_ids(grid_thw, merge), "cu_seqlens": cu_seqlens,
                "window_index": window_index, "cu_window_seqlens": cu_window}
-    longest = lambda cu: int((cu[1:] - cu[:-1]).max()) if len(cu) > 1 else 0  # noqa: E731
+    longest = lambda cu: int((cu[1:] - cu[:-1]).max()) if len(cu) > 1 else 0
     return tensors, {"max_seqlen": longest(cu_seqlens), "max_window_seqlen": longest(cu_window)}
 
 
@@ -136,9 +136,9 @@ def _completion_layout(seqs: list[Sequence]) -> dict[str, Tensor]:
         mask[b, :t], behaviour[b, :t] = 1.0, s.behaviour_logprobs
         seq_index.append(torch.full((t,), b, dtype=torch.long))
         pos_index.append(torch.arange(t))
-    return dict(completion_ids=torch.cat([s.completion_ids for s in seqs]), token_seq=torch.cat(seq_index),
-                token_pos=torch.cat(pos_index), completion_mask=mask, behaviour_logprobs=behaviour,
-                advantages=torch.tensor([s.advantage for s in seqs], dtype=torch.float32))
+    return {"completion_ids": torch.cat([s.completion_ids for s in seqs]), "token_seq": torch.cat(seq_index),
+            "token_pos": torch.cat(pos_index), "completion_mask": mask, "behaviour_logprobs": behaviour,
+            "advantages": torch.tensor([s.advantage for s in seqs], dtype=torch.float32)}
 
 
 # ------------------------------------------------------------------------------------ the forward

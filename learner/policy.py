@@ -109,7 +109,7 @@ def pack(seqs: list[Sequence], *, pad_id: int, image_token_id: int, suppressed: 
     }
     prompt_row = torch.tensor([r for r, run in enumerate(runs) for _ in run], dtype=torch.long)
     advantages = torch.tensor([s.advantage for s in seqs], dtype=torch.float32)
-    move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    move = lambda t: t.to(device, non_blocking=True)
     return PackedBatch({k: move(v) for k, v in inputs.items()}, move(prompt_row), move(completion), move(mask),
                        move(behaviour), move(advantages), move(torch.tensor(suppressed, dtype=torch.long)))
 
@@ -193,11 +193,11 @@ def load_policy(model_path: str, *, cfg: LearnerConfig, device: torch.device,
         _checkpoint_every(model, k=cfg.checkpoint_every)
     model.config.use_cache = False
     patch_policy(model, device=device)
-    if cfg.compile_blocks:
-        for block in _blocks(model):
-            block.compile(dynamic=True)
     if torch.distributed.is_initialized():
         _shard(model, compute_dtype=getattr(torch, cfg.dtype))
+    if cfg.compile_blocks:  # after sharding, as measured (dynamo runs FSDP2's hooks eagerly)
+        for block in _blocks(model):
+            block.compile(dynamic=True)
     return model
 
 

@@ -122,7 +122,9 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         offset = 0
         sums: dict[str, torch.Tensor] = {}
-        for micro in self._padded_micro_batches(seqs):
+        micros = self._padded_micro_batches(seqs)
+        for i, micro in enumerate(micros):
+            _accumulating(self.model, last=i == len(micros) - 1)
             dummy = not micro  # this rank has fewer passes than another: run one with zero weight
             micro_old = None if old is None or dummy else old[offset: offset + len(micro)]
             offset += len(micro)
@@ -191,6 +193,15 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _accumulating(model: torch.nn.Module, *, last: bool) -> None:
+    """FSDP2 between micro-batches: keep parameters gathered and gradients unsharded (accumulated in
+    float32, the reduce dtype) until the last micro-batch, so each step gathers and reduces once
+    instead of once per micro-batch. A no-op without FSDP."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(last)
+        model.set_reshard_after_backward(last)
 
 
 def _packed_logprobs(model: torch.nn.Module, rows: PackedRows, *, temperature: float, with_entropy: bool):

@@ -18,6 +18,7 @@ sequence, which is exact and is what the CPU tests compare against the padded pa
 from __future__ import annotations
 
 import inspect
+import itertools
 import sys
 import types
 
@@ -91,7 +92,7 @@ def _sdpa_per_sequence(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor, c
     out = []
     bounds = cu_seqlens.tolist()
     gqa = q.shape[1] != k.shape[1]
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in itertools.pairwise(bounds):
         qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=gqa)
         out.append(o[0].transpose(0, 1))

@@ -61,7 +61,7 @@ def test_packed_step_equals_padded_step(tiny_model_dir, entropy_coef, loss_type,
     assert got["learner/num_tokens"] == expected["learner/num_tokens"]
     assert grads.keys() == expected_grads.keys() and len(grads) > 10
     for name, g in expected_grads.items():
-        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_packed_logprobs_equal_padded_logprobs(tiny_model_dir):
