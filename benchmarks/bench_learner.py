@@ -192,13 +192,24 @@ def summarize(out: dict, *, config: dict, gpus: int, peak: float) -> tuple[list[
         metrics["lm_params_b"] = n_params / 1e9
     new = [row for row in rows if row["case"].startswith("mix:new")]
     old = [row for row in rows if row["case"].startswith("mix:old")]
-    if new and old:
-        metrics["learner_mix_speedup"] = new[0]["tokens_per_s"] / old[0]["tokens_per_s"]
     mfu_rows = [row for row in rows if row["case"].startswith("mfu:")]
     if mfu_rows:
         best = max(mfu_rows, key=lambda row: row["mfu"])
-        metrics.update(learner_mfu=best["mfu"], chosen=best["case"], peak_mem_gib=best["peak_mem_gib"])
+        metrics.update(learner_mfu=best["mfu"], chosen=best["case"], peak_mem_gib=best["peak_mem_gib"],
+                       settings=_settings(best["case"]))
+    if new and old:  # the packed path under the chosen settings when the mix ran them, else the first
+        setting = best["case"].split(":", 2)[2] if mfu_rows else None
+        same = [row for row in new if row["case"].split(":", 2)[2] == setting] or new
+        metrics["learner_mix_speedup"] = same[0]["tokens_per_s"] / old[0]["tokens_per_s"]
+        metrics["mix_cases"] = [same[0]["case"], old[0]["case"]]
     return rows, metrics
+
+
+def _settings(case: str) -> dict:
+    _, _, checkpointing, micro, *rest = case.split(":")
+    return {"gradient_checkpointing": checkpointing != "none", "checkpoint_every": CHECKPOINTING[checkpointing],
+            "compile_blocks": rest == ["compile"], "max_tokens_per_micro_batch": int(micro),
+            "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
 
 
 def main() -> None:
@@ -211,14 +222,14 @@ def main() -> None:
     parser.add_argument("--micro-tokens", type=int, default=16384)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--cases", nargs="+", default=["mix:new:every2:16384", "mix:old:all:16384",
-                                                      "mfu:new:all:16384", "mfu:new:every2:16384",
-                                                      "mfu:new:none:8192"],
+    parser.add_argument("--cases", nargs="+", default=["mix:old:all:16384", "mfu:new:none:20480:compile",
+                                                      "mix:new:none:20480:compile"],
                         help="BATCH:PATH:CHECKPOINTING:MICRO_TOKENS[:compile], run in order (see run_spec)")
     parser.add_argument("--profile", default=None, help="a case to run once more under torch.profiler")
     parser.add_argument("--name", default=None)
     parser.add_argument("--out-dir", default=None, help="where the result JSON goes (default benchmarks/results)")
     args = parser.parse_args()
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as the learner worker sets it
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(worker, args=(args.gpus, args, queue), nprocs=args.gpus, join=True)
     out = queue.get()

@@ -50,6 +50,8 @@ class Learner:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.packed = cfg.packing == "always" or (cfg.packing == "auto" and device.type == "cuda")
         """Padding-free micro-batches (learner/packed.py), else the padded path (learner/policy.py)."""
+        self.optimizer_done: torch.cuda.Event | None = None
+        """Recorded on the optimizer's stream after each update: the weight broadcast waits on it."""
 
     # ------------------------------------------------------------------------------------ the step
     def step(self, groups: list[ScoredGroup]) -> dict[str, float]:
@@ -139,6 +141,9 @@ class Learner:
         totals["learner/grad_norm"] = grad_norm
         if math.isfinite(grad_norm):
             self.optimizer.step()
+            if self.device.type == "cuda":
+                self.optimizer_done = torch.cuda.Event()
+                self.optimizer_done.record(torch.cuda.current_stream(self.device))
         else:  # the reference skips the update on a non-finite gradient norm
             totals["learner/skipped_updates"] += 1
         self.scheduler.step()
