@@ -1,8 +1,10 @@
-"""The policy as the learner holds it: loading (fp32 master weights, optional frozen vision tower,
-activation checkpointing, FSDP2 `fully_shard` per block with mixed precision) and the forward pass
-that turns rollouts into per-token log-probabilities, in micro-batches bounded by a token budget.
-On CPU a group's rollouts share one pass over their prompt and image (its KV cache), which halves the
-demo's learner step (prompts are ~60% of its tokens); GPUs run every sequence whole for now.
+"""The policy as the learner holds it: loading (fp32 master weights in training mode, optional frozen
+vision tower, activation checkpointing on every k-th block, the varlen patches of learner/varlen.py,
+FSDP2 `fully_shard` per block with mixed precision, optionally compiled blocks) and the padded
+forward pass that turns rollouts into per-token log-probabilities, in micro-batches bounded by a
+token budget. On CPU a group's rollouts share one pass over their prompt and image (its KV cache),
+which halves the demo's learner step (prompts are ~60% of its tokens). GPUs take the padding-free
+path of learner/packed.py (`LearnerConfig.packing`); this padded one stays as its reference.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def completion_logits(model: torch.nn.Module, batch: PackedBatch) -> Tensor:
 
     On CPU each distinct prompt (and its image) goes through the model once and its completions run
     on top of its KV cache, so a group's n rollouts pay for the prompt once instead of n times.
-    Otherwise (GPU: not yet measured there; activation checkpointing, which drops the cache) every
+    Otherwise (GPU with `packing: never`; activation checkpointing, which drops the cache) every
     sequence runs whole, `[prompt, completion]` as one row. The logits are the same either way: the
     completions get the rope positions that follow their prompt in both.
     """
