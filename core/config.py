@@ -307,6 +307,15 @@ class LearnerConfig(Section):
     freeze_vision: bool = False
     """Freeze the vision tower (the reference trains it)."""
     gradient_checkpointing: bool = False
+    """Recompute blocks' activations in the backward pass instead of keeping them (vision and text blocks)."""
+    checkpoint_every: int = Field(1, ge=1)
+    """With gradient_checkpointing: checkpoint every k-th block only (1: all; 2: half of them)."""
+    compile_blocks: bool = False
+    """torch.compile each vision and text block (dynamic shapes: packed rows vary in length)."""
+    packing: Literal["auto", "always", "never"] = "auto"
+    """Padding-free micro-batches (one packed row, varlen attention, log-probs from hidden states in
+    chunks, one vision pass per prompt); `auto`: on GPUs, while on CPU a group's rollouts share one
+    pass over the prompt (its KV cache) instead; `never`: the padded path everywhere."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype (master weights and optimizer state stay fp32). bfloat16 needs GPUs."""
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"

@@ -130,9 +130,11 @@ def entropy_from_logits(logits: Tensor, *, temperature: float = 1.0, chunk_size:
     rows = logits.reshape(-1, logits.shape[-1])
     out = []
     for chunk in rows.split(chunk_size):
-        z = _scaled_float(chunk, temperature).clamp(min=torch.finfo(torch.float32).min)
+        lowest = torch.finfo(torch.float32).min
+        z = _scaled_float(chunk, temperature).clamp(min=lowest)
         lse = torch.logsumexp(z, dim=-1)
-        out.append(lse - (torch.exp(z - lse[:, None]) * z).sum(dim=-1))
+        # masked entries are selected away: p * z there is 0 * -3.4e38, whose gradient overflows to NaN
+        out.append(lse - torch.where(z > lowest, torch.exp(z - lse[:, None]) * z, 0.0).sum(dim=-1))
     if not out:
         return logits.new_zeros(logits.shape[:-1], dtype=torch.float32)
     return torch.cat(out).reshape(logits.shape[:-1])

@@ -1,8 +1,10 @@
-"""The policy as the learner holds it: loading (fp32 master weights, optional frozen vision tower,
-activation checkpointing, FSDP2 `fully_shard` per block with mixed precision) and the forward pass
-that turns rollouts into per-token log-probabilities, in micro-batches bounded by a token budget.
-On CPU a group's rollouts share one pass over their prompt and image (its KV cache), which halves the
-demo's learner step (prompts are ~60% of its tokens); GPUs run every sequence whole for now.
+"""The policy as the learner holds it: loading (fp32 master weights in training mode, optional frozen
+vision tower, activation checkpointing on every k-th block, the varlen patches of learner/varlen.py,
+FSDP2 `fully_shard` per block with mixed precision, optionally compiled blocks) and the padded
+forward pass that turns rollouts into per-token log-probabilities, in micro-batches bounded by a
+token budget. On CPU a group's rollouts share one pass over their prompt and image (its KV cache),
+which halves the demo's learner step (prompts are ~60% of its tokens). GPUs take the padding-free
+path of learner/packed.py (`LearnerConfig.packing`); this padded one stays as its reference.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import Tensor
 
 from core.config import LearnerConfig
+from learner.varlen import patch_policy
 
 
 @dataclass(slots=True)
@@ -108,7 +111,7 @@ def pack(seqs: list[Sequence], *, pad_id: int, image_token_id: int, suppressed: 
     }
     prompt_row = torch.tensor([r for r, run in enumerate(runs) for _ in run], dtype=torch.long)
     advantages = torch.tensor([s.advantage for s in seqs], dtype=torch.float32)
-    move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    move = lambda t: t.to(device, non_blocking=True)
     return PackedBatch({k: move(v) for k, v in inputs.items()}, move(prompt_row), move(completion), move(mask),
                        move(behaviour), move(advantages), move(torch.tensor(suppressed, dtype=torch.long)))
 
@@ -118,7 +121,7 @@ def completion_logits(model: torch.nn.Module, batch: PackedBatch) -> Tensor:
 
     On CPU each distinct prompt (and its image) goes through the model once and its completions run
     on top of its KV cache, so a group's n rollouts pay for the prompt once instead of n times.
-    Otherwise (GPU: not yet measured there; activation checkpointing, which drops the cache) every
+    Otherwise (GPU with `packing: never`; activation checkpointing, which drops the cache) every
     sequence runs whole, `[prompt, completion]` as one row. The logits are the same either way: the
     completions get the rope positions that follow their prompt in both.
     """
@@ -136,7 +139,7 @@ def _shared_prompt_logits(model: torch.nn.Module, batch: PackedBatch) -> Tensor:
     positions, deltas = model.model.get_rope_index(
         prompts["input_ids"], mm_token_type_ids=prompts["mm_token_type_ids"],
         image_grid_thw=prompts["image_grid_thw"], attention_mask=prompts["attention_mask"])
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     head = model(**prompts, position_ids=positions, use_cache=True, logits_to_keep=1)  # predicts token 0
     cache = getattr(head, cache_name)
     if cache is None or cache.get_seq_length() != prompts["input_ids"].shape[1]:
@@ -181,15 +184,34 @@ def load_policy(model_path: str, *, cfg: LearnerConfig, device: torch.device,
         model = AutoModelForImageTextToText.from_pretrained(
             model_path, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
     model.to(device)
+    # training mode: transformers checkpoints a block only when `self.training` (from_pretrained returns
+    # eval mode, so `gradient_checkpointing` did nothing before). Qwen2.5-VL has no dropout to turn on.
+    model.train()
     if cfg.freeze_vision:
         for p in _vision_tower(model).parameters():
             p.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpoint_every(model, k=cfg.checkpoint_every)
     model.config.use_cache = False
+    patch_policy(model, device=device)
     if torch.distributed.is_initialized():
         _shard(model, compute_dtype=getattr(torch, cfg.dtype))
+    if cfg.compile_blocks:  # after sharding, as measured (dynamo runs FSDP2's hooks eagerly)
+        for block in _blocks(model):
+            block.compile(dynamic=True)
     return model
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return list(_vision_tower(model).blocks) + list(model.model.language_model.layers)
+
+
+def _checkpoint_every(model: torch.nn.Module, *, k: int) -> None:
+    """Keep checkpointing on every k-th block of the tower and of the language model only."""
+    for blocks in (_vision_tower(model).blocks, model.model.language_model.layers):
+        for i, block in enumerate(blocks):
+            block.gradient_checkpointing = i % k == 0
 
 
 def _vision_tower(model: torch.nn.Module) -> torch.nn.Module:
@@ -201,6 +223,6 @@ def _shard(model: torch.nn.Module, *, compute_dtype: torch.dtype) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for block in list(_vision_tower(model).blocks) + list(model.model.language_model.layers):
+    for block in _blocks(model):
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)

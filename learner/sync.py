@@ -63,9 +63,14 @@ class WeightBroadcaster:
         self._wait(refs, what="join the weight broadcast group")
         return time.perf_counter() - start
 
-    def broadcast(self, model: torch.nn.Module, *, version: int) -> tuple[float, int]:
-        """Every learner rank calls this (the FSDP all-gathers need them all); returns (seconds, bytes)."""
+    def broadcast(self, model: torch.nn.Module, *, version: int,
+                  after: torch.cuda.Event | None = None) -> tuple[float, int]:
+        """Every learner rank calls this (the FSDP all-gathers need them all); returns (seconds, bytes).
+        `after`: the optimizer's last update, waited for explicitly (the vLLM transport sends on a
+        stream of its own, which nothing else orders after the optimizer's)."""
         start = time.perf_counter()
+        if after is not None:
+            after.synchronize()
         state = model.state_dict()
         manifest = make_manifest(((n, _meta(t, self.dtype)) for n, t in state.items()),
                                  version=version, bucket_bytes=self.bucket_bytes)

@@ -25,6 +25,7 @@ from learner.grpo import (
     policy_loss,
     token_logprobs,
 )
+from learner.packed import PackedRows, pack_rows, packed_logprobs, token_micro_batches
 from learner.policy import Sequence, completion_logits, load_policy, micro_batches, pack
 from learner.schedule import warmup_scheduler
 
@@ -47,6 +48,10 @@ class Learner:
             weight_decay=opt.weight_decay, fused=device.type == "cuda")
         self.scheduler = warmup_scheduler(self.optimizer, warmup_steps=opt.warmup_steps)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.packed = cfg.packing == "always" or (cfg.packing == "auto" and device.type == "cuda")
+        """Padding-free micro-batches (learner/packed.py), else the padded path (learner/policy.py)."""
+        self.optimizer_done: torch.cuda.Event | None = None
+        """Recorded on the optimizer's stream after each update: the weight broadcast waits on it."""
 
     # ------------------------------------------------------------------------------------ the step
     def step(self, groups: list[ScoredGroup]) -> dict[str, float]:
@@ -97,47 +102,60 @@ class Learner:
         """Per-sequence logprobs under the current weights (the proximal policy), no gradient."""
         out = []
         for micro in self._padded_micro_batches(seqs):
-            batch = self._pack(micro or seqs[:1])
-            logp = token_logprobs(completion_logits(self.model, batch), batch.completion_ids,
-                                  temperature=self.temperature)
+            logp = self._forward_logprobs(self.model, micro or seqs[:1], with_entropy=False)[0]
             out.extend(logp[b, : len(s.completion_ids)].float().cpu() for b, s in enumerate(micro))
         return out
+
+    def _forward_logprobs(self, model: torch.nn.Module, seqs: list[Sequence], *, with_entropy: bool):
+        """(batch, logp [B, T], entropy [B, T] or None): the packed or the padded path."""
+        if self.packed:
+            rows = pack_rows(seqs, rope_index=model.model.get_rope_index, image_token_id=self.image_token_id,
+                             suppressed=self.suppressed, vision_config=model.config.vision_config,
+                             device=self.device)
+            return (*_packed_logprobs(model, rows, temperature=self.temperature, with_entropy=with_entropy), rows)
+        batch = self._pack(seqs)
+        logits = completion_logits(model, batch)
+        logp = token_logprobs(logits, batch.completion_ids, temperature=self.temperature)
+        entropy = entropy_from_logits(logits if with_entropy else logits.detach(), temperature=self.temperature)
+        return logp, entropy, batch
 
     def _update(self, seqs: list[Sequence], old: list[torch.Tensor] | None, *, normalizer: float,
                 totals: dict[str, float]) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         offset = 0
-        for micro in self._padded_micro_batches(seqs):
+        sums: dict[str, torch.Tensor] = {}
+        micros = self._padded_micro_batches(seqs)
+        for i, micro in enumerate(micros):
+            _accumulating(self.model, last=i == len(micros) - 1)
             dummy = not micro  # this rank has fewer passes than another: run one with zero weight
             micro_old = None if old is None or dummy else old[offset: offset + len(micro)]
             offset += len(micro)
             loss, stats = self._micro_loss(micro or seqs[:1], micro_old, normalizer=normalizer)
             (loss * (0.0 if dummy else self.world)).backward()  # FSDP averages gradients over ranks
             if not dummy:
-                _accumulate(totals, loss.item(), stats)
+                _accumulate(sums, loss.detach(), stats)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optimizer.grad_clip)
-        grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # FSDP2: a DTensor
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP2: a DTensor
+        grad_norm = _read_once(sums, norm, totals)  # the step's one host synchronisation
         totals["learner/lr"] = self.scheduler.get_last_lr()[0]
         totals["learner/grad_norm"] = grad_norm
         if math.isfinite(grad_norm):
             self.optimizer.step()
+            if self.device.type == "cuda":
+                self.optimizer_done = torch.cuda.Event()
+                self.optimizer_done.record(torch.cuda.current_stream(self.device))
         else:  # the reference skips the update on a non-finite gradient norm
             totals["learner/skipped_updates"] += 1
         self.scheduler.step()
 
     def _micro_loss(self, micro: list[Sequence], old: list[torch.Tensor] | None, *, normalizer: float):
-        batch = self._pack(micro)
-        logits = completion_logits(self.model, batch)
-        logp = token_logprobs(logits, batch.completion_ids, temperature=self.temperature)
-        old_logp = logp.detach() if old is None else _pad_rows(old, logp.shape).to(self.device)
         loss_cfg = self.cfg.loss
-        entropy = entropy_from_logits(logits.detach() if loss_cfg.entropy_coef == 0 else logits,
-                                      temperature=self.temperature)
+        logp, entropy, batch = self._forward_logprobs(self.model, micro, with_entropy=loss_cfg.entropy_coef > 0)
+        old_logp = logp.detach() if old is None else _pad_rows(old, logp.shape).to(self.device)
         ref = None
         if self.ref_model is not None:
             with torch.no_grad():
-                ref = token_logprobs(completion_logits(self.ref_model, batch), batch.completion_ids,
-                                     temperature=self.temperature)
+                ref = self._forward_logprobs(self.ref_model, micro, with_entropy=False)[0]
         return policy_loss(logp, old_logp=old_logp, advantages=batch.advantages, mask=batch.completion_mask,
                            cfg=loss_cfg, normalizer=normalizer, behaviour_logp=batch.behaviour_logprobs,
                            ref_logp=ref, entropy=entropy)
@@ -148,7 +166,8 @@ class Learner:
 
     def _padded_micro_batches(self, seqs: list[Sequence]) -> list[list[Sequence]]:
         """Micro-batches, padded with empty ones so every rank runs the same number of passes."""
-        micro = micro_batches(seqs, max_tokens=self.cfg.max_tokens_per_micro_batch) if seqs else []
+        split = token_micro_batches if self.packed else micro_batches
+        micro = split(seqs, max_tokens=self.cfg.max_tokens_per_micro_batch) if seqs else []
         count = _all_reduce(float(len(micro)), op=dist.ReduceOp.MAX) if self.world > 1 else len(micro)
         return micro + [[] for _ in range(int(count) - len(micro))]
 
@@ -181,22 +200,59 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _accumulate(totals: dict[str, float], loss: float, stats: dict[str, torch.Tensor]) -> None:
-    """Token-weighted sums of the micro-batch stats (means are restored in `_finish`)."""
-    n = float(stats["num_tokens"])
-    totals["learner/loss"] += loss
-    totals["learner/num_tokens"] += n
+def _accumulating(model: torch.nn.Module, *, last: bool) -> None:
+    """FSDP2 between micro-batches: keep parameters gathered and gradients unsharded (accumulated in
+    float32, the reduce dtype) until the last micro-batch, so each step gathers and reduces once
+    instead of once per micro-batch. A no-op without FSDP."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(last)
+        model.set_reshard_after_backward(last)
+
+
+def _packed_logprobs(model: torch.nn.Module, rows: PackedRows, *, temperature: float, with_entropy: bool):
+    """(logp [B, T], entropy [B, T] or None) through the root module (FSDP2 gathers its parameters)."""
+    def run(m: torch.nn.Module):
+        return packed_logprobs(m, rows, temperature=temperature, with_entropy=with_entropy)
+
+    logp, entropy = model(packed=run)
+    return rows.unflatten(logp), None if entropy is None else rows.unflatten(entropy)
+
+
+def _accumulate(sums: dict[str, torch.Tensor], loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+    """Token-weighted sums of the micro-batch stats, kept on the device (means are restored in `_finish`)."""
+    n = stats["num_tokens"].float()
+    _add(sums, "learner/loss", loss.float(), torch.add)
+    _add(sums, "learner/num_tokens", n, torch.add)
     for key, value in stats.items():
-        v = float(value)
+        v = value.float()
         if key.endswith("_min"):
-            totals[f"learner/{key}"] = min(totals.get(f"learner/{key}", math.inf), v)
+            _add(sums, f"learner/{key}", v, torch.minimum)
         elif key.endswith("_max"):
-            totals[f"learner/{key}"] = max(totals.get(f"learner/{key}", -math.inf), v)
+            _add(sums, f"learner/{key}", v, torch.maximum)
         elif key.startswith("num_"):
             if key != "num_tokens":
-                totals[f"learner/{key}"] += v
+                _add(sums, f"learner/{key}", v, torch.add)
         else:
-            totals[f"learner/{key}:wsum"] += v * n
+            _add(sums, f"learner/{key}:wsum", v * n, torch.add)
+
+
+def _add(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor, op) -> None:
+    sums[key] = value if key not in sums else op(sums[key], value)
+
+
+def _read_once(sums: dict[str, torch.Tensor], norm: torch.Tensor, totals: dict[str, float]) -> float:
+    """Copy the micro-batch sums and the gradient norm to the host in one transfer; fold the sums into
+    `totals` (min/max/sum by key, as `_accumulate` built them). Returns the gradient norm."""
+    keys = list(sums)
+    values = torch.stack([norm.float().reshape(()), *(sums[k].reshape(()).to(norm.device) for k in keys)]).tolist()
+    for key, v in zip(keys, values[1:]):
+        if key.endswith("_min"):
+            totals[key] = min(totals.get(key, math.inf), v)
+        elif key.endswith("_max"):
+            totals[key] = max(totals.get(key, -math.inf), v)
+        else:
+            totals[key] += v
+    return values[0]
 
 
 def _finish(totals: dict[str, float]) -> dict[str, float]:

@@ -159,7 +159,7 @@ def _loop(cfg: Config, wiring: LearnerWiring, learner: Learner, sync: WeightBroa
         step, version = version, version + 1
         sync_s = sync_bytes = 0
         if version % cfg.sync.interval_steps == 0 or version == cfg.run.num_steps:
-            sync_s, sync_bytes = sync.broadcast(learner.model, version=version)
+            sync_s, sync_bytes = sync.broadcast(learner.model, version=version, after=learner.optimizer_done)
             synced = version
         ckpt = _maybe_checkpoint(cfg, wiring, learner, version=version)
         if rank == 0:
@@ -284,6 +284,9 @@ def _device(cfg: Config) -> torch.device:
     if cfg.learner.num_gpus_per_worker:
         import ray.train.torch
 
+        # before CUDA's allocator starts: the packed micro-batches vary in size, and with fixed segments
+        # the fragments they leave cost the headroom the measured recipe needs (benchmarks/README.md)
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         device = ray.train.torch.get_device()
         torch.cuda.set_device(device)
         return device
