@@ -261,6 +261,8 @@ def _find_resume(run_dir: Path, *, resume: bool):
                          "above); move them away to start over")
     if found is None:
         log.warning("--resume: no checkpoint under %s yet; starting from scratch", root)
+    else:
+        run_checkpoints.set_aside_newer(root, found[0])
     return found
 
 

@@ -63,6 +63,16 @@ def load_latest(root: Path) -> tuple[Path, DriverState] | None:
     return None
 
 
+def set_aside_newer(root: Path, chosen: Path) -> list[Path]:
+    """Rename the (unreadable) checkpoints newer than the one resumed from to `<name>.unreadable`: kept
+    for inspection, but no learner worker restarted later may take one for this run's own."""
+    newer = [p for p in sorted(root.glob("step_*[0-9]")) if p.name > chosen.name]
+    for path in newer:
+        path.rename(path.with_name(path.name + ".unreadable"))
+        log.warning("set %s aside as %s.unreadable (resuming from %s)", path.name, path.name, chosen.name)
+    return newer
+
+
 def remove_unfinished(root: Path) -> list[Path]:
     """Delete `step_<N>.tmp` folders (call only while no learner of this folder can be writing one)."""
     removed = sorted(root.glob("step_*.tmp")) if root.is_dir() else []
