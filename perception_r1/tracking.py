@@ -120,15 +120,24 @@ class RayMetricsSink(_NoArtifacts):
         from ray.util.metrics import Gauge
 
         self.Gauge, self.run_name, self.gauges = Gauge, run_name, {}
+        self.last: set[tuple[str, str]] = set()
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Every metric is a per-step value: a series the previous step set and this one does not (a
+        staleness bin now empty, no skipped update) reads 0, not its old value."""
+        now = set()
         for key, value in metrics.items():
             name, actor = _gauge_name(key)
             gauge = self.gauges.get(name)
             if gauge is None:
-                gauge = self.gauges[name] = self.Gauge(f"perception_r1_{name}", description=key,
+                description = re.sub(r"/actor\d+/", "/actor<id>/", key)
+                gauge = self.gauges[name] = self.Gauge(f"perception_r1_{name}", description=description,
                                                        tag_keys=("run", "actor"))
             gauge.set(float(value), tags={"run": self.run_name, "actor": actor})
+            now.add((name, actor))
+        for name, actor in self.last - now:
+            self.gauges[name].set(0.0, tags={"run": self.run_name, "actor": actor})
+        self.last = now
 
 
 class FanOut:

@@ -64,14 +64,16 @@ def learner_metrics() -> dict[str, float]:
     import torch
 
     from learner.grpo import policy_loss
-    from learner.trainer import _accumulate, _finish
+    from learner.trainer import _accumulate, _finish, _read_once
 
     logp, mask = torch.full((2, 3), -1.0), torch.ones(2, 3)
     loss, stats = policy_loss(logp, old_logp=logp, advantages=torch.tensor([1.0, -1.0]), mask=mask,
                               cfg=LossConfig(type="tis", kl_coef=0.1, entropy_coef=0.01), normalizer=6.0,
                               behaviour_logp=logp - 0.1, ref_logp=logp, entropy=torch.ones(2, 3))
+    sums: dict = {}
+    _accumulate(sums, loss.detach(), stats)
     totals: dict[str, float] = defaultdict(float)
-    _accumulate(totals, float(loss), stats)
+    _read_once(sums, torch.tensor(1.0), totals)
     return _finish(totals)
 
 

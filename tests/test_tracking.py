@@ -60,3 +60,26 @@ def test_a_new_sqlite_experiment_keeps_its_artifacts_beside_the_database(tmp_pat
     assert list(store.glob("mlruns/*/artifacts/a.json")) and not list(elsewhere.iterdir())
     use_experiment(f"sqlite:///{store / 'mlflow.db'}", "beside-the-db")  # exists: reused, not created again
     assert mlflow.get_experiment_by_name("beside-the-db").artifact_location == (store / "mlruns").as_uri()
+
+
+def test_ray_gauges_of_a_key_absent_from_this_step_read_zero():
+    """A staleness bin set at one step and empty at the next must not keep its old count."""
+    from perception_r1.tracking import RayMetricsSink
+
+    values: dict[tuple[str, str], float] = {}
+
+    class Gauge:
+        def __init__(self, name, *, description, tag_keys):
+            self.name, self.description = name, description
+
+        def set(self, value, *, tags):
+            values[(self.name, tags["actor"])] = value
+
+    sink = RayMetricsSink(run_name="r")
+    sink.Gauge = Gauge
+    sink.log_metrics(0, {"staleness/groups_at_1": 3.0, "gen/actor0/tokens_per_s": 9.0, "learner/loss": 0.5})
+    sink.log_metrics(1, {"staleness/groups_at_0": 4.0, "learner/loss": 0.25})
+    assert values == {("perception_r1_staleness_groups_at_1", "all"): 0.0,
+                      ("perception_r1_staleness_groups_at_0", "all"): 4.0,
+                      ("perception_r1_gen_tokens_per_s", "0"): 0.0, ("perception_r1_learner_loss", "all"): 0.25}
+    assert sink.gauges["gen_tokens_per_s"].description == "gen/actor<id>/tokens_per_s"
