@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,6 +60,42 @@ def load_learner(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.O
     meta = json.loads(meta_file.read_text(encoding="utf-8"))
     scheduler.load_state_dict(meta["scheduler"])
     return int(meta["version"])
+
+
+def read_model_state(path: Path, *, dtype: torch.dtype, max_bytes_per_read: int = 1 << 30) -> dict[str, torch.Tensor]:
+    """The model part of a learner checkpoint on one process, no process group: {parameter name: tensor
+    in `dtype`} (the names of the transformers model). Read in pieces of at most `max_bytes_per_read` of
+    stored bytes, each cast at once, so host memory peaks near the model in `dtype`, not in fp32."""
+    folder = path / LEARNER_DIR
+    if not (folder / ".metadata").is_file():
+        raise ValueError(f"{path} is not a learner checkpoint (no {LEARNER_DIR}/.metadata); pick a complete step_<N> folder")
+    check_metadata(folder)
+    with open(folder / ".metadata", "rb") as f:
+        index = _MetadataUnpickler(f).load()
+    out: dict[str, torch.Tensor] = {}
+    for piece in _pieces(index.state_dict_metadata, max_bytes=max_bytes_per_read):
+        state = {"model": {name: torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for name, meta in piece}}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp.load(state, checkpoint_id=str(folder), planner=_WeightsOnlyLoadPlanner(), no_dist=True)
+        out.update({name: t.to(dtype) for name, t in state["model"].items()})
+    return out
+
+
+def _pieces(entries: dict, *, max_bytes: int) -> list[list[tuple[str, object]]]:
+    """The model's tensor entries ("model.<name>"), in runs of at most `max_bytes` (one larger tensor alone)."""
+    pieces: list[list[tuple[str, object]]] = [[]]
+    size = 0
+    for key, meta in entries.items():
+        if not key.startswith("model.") or not hasattr(meta, "size"):
+            continue
+        nbytes = meta.size.numel() * meta.properties.dtype.itemsize
+        if pieces[-1] and size + nbytes > max_bytes:
+            pieces.append([])
+            size = 0
+        pieces[-1].append((key.removeprefix("model."), meta))
+        size += nbytes
+    return [p for p in pieces if p]
 
 
 # ------------------------------------------------------------------------------- safe unpickling

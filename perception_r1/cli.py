@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "sft": ("perception_r1.sft_cmd", "supervised warm start on worked solutions"),
     "prepare-data": ("perception_r1.prepare_data_cmd", "CoT distillation, accuracy filter, visual-annotation extraction"),
     "eval": ("perception_r1.eval_cmd", "evaluate a model on multimodal math benchmarks"),
+    "export": ("perception_r1.export_cmd", "write a run's checkpoint as a model folder (bf16 safetensors, config, processor)"),
     "mcnemar": ("perception_r1.mcnemar_cmd", "exact McNemar test between two evaluation JSONL files"),
     "build-tiny-model": ("perception_r1.tiny_model_cmd", "build the tiny random Qwen2.5-VL used by the demo and tests"),
 }

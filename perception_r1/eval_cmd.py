@@ -5,6 +5,10 @@ judge and by math-verify, with perception labels; results resume from the output
         --policy-url http://gpu-host:8000/v1 --policy-model Perception-R1-7B \\
         --judge-url http://judge-host:8001/v1 --judge-model Qwen2.5-72B-Instruct --output-dir runs/eval-pr1
     perception-r1 eval --benchmark synthetic --model-path .cache/tiny --max-tokens 64 --output-dir runs/eval-tiny
+    perception-r1 eval --benchmark synthetic --model-path runs/demo-cpu --max-tokens 64 --output-dir runs/eval-demo
+
+--model-path takes a model folder, an export (`perception-r1 export`) or a run folder: a run folder's newest
+complete checkpoint is exported once into RUN_DIR/export/step_<N> and evaluated from there.
 
 Writes `results.jsonl` (a line per item), `summary.json`, `table.txt` and `accuracy.png` into
 --output-dir and prints the table next to the reference's published numbers. Rerunning the same
@@ -33,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synthetic-num", type=int, default=64, help="problems in the generated synthetic set")
     parser.add_argument("--synthetic-seed", type=int, default=0)
     policy = parser.add_argument_group("policy (one of --model-path, --policy-url)")
-    policy.add_argument("--model-path", help="local model folder, generated with the HF engine of actors/")
+    policy.add_argument("--model-path", help="local model folder, export, or run folder (its newest checkpoint is "
+                                             "exported first); generated with the HF engine of actors/")
     policy.add_argument("--device", default="cpu", help="torch device for --model-path (cpu, cuda, cuda:1)")
     policy.add_argument("--policy-url", help="OpenAI-compatible multimodal endpoint, e.g. http://host:8000/v1")
     policy.add_argument("--policy-model", help="model name at --policy-url")
@@ -78,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     from core.openai_calls import FatalEndpointError, RequestFailed
     from core.progress_log import check_manifest
 
+    if args.model_path and (Path(args.model_path) / "checkpoints").is_dir():
+        args.model_path = str(_export_run(Path(args.model_path)))
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     check_manifest(output_dir, key="eval", value=_settings(args))
@@ -171,6 +178,17 @@ def _load(benchmarks: list[tuple[str, str | None]], args: argparse.Namespace) ->
         items.extend(loaded[: args.limit])
     check_unique_ids(items)
     return items
+
+
+def _export_run(run_dir: Path) -> Path:
+    """The newest complete checkpoint of a run folder as a model folder, exported once into RUN_DIR/export/."""
+    from perception_r1.export import export, find_checkpoint, step_of
+
+    out = run_dir / "export" / f"step_{step_of(find_checkpoint(run_dir, step=None)):06d}"
+    if not out.is_dir():  # an export is renamed into place only when whole
+        export(run_dir, out)
+        print(f"exported {run_dir}'s newest checkpoint to {out}")
+    return out
 
 
 def _endpoint(url: str, model: str, key_env: str | None, *, max_tokens: int, args: argparse.Namespace):
