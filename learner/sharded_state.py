@@ -75,9 +75,15 @@ def read_model_state(path: Path, *, dtype: torch.dtype, max_bytes_per_read: int 
     out: dict[str, torch.Tensor] = {}
     for piece in _pieces(index.state_dict_metadata, max_bytes=max_bytes_per_read):
         state = {"model": {name: torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for name, meta in piece}}
+        planner = _WeightsOnlyLoadPlanner()
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-            dcp.load(state, checkpoint_id=str(folder), planner=_WeightsOnlyLoadPlanner(), no_dist=True)
+            try:
+                dcp.load(state, checkpoint_id=str(folder), planner=planner, no_dist=True)
+            except CheckpointException as e:
+                why = planner.refused or str(e).strip().splitlines()[-1]
+                raise ValueError(f"{folder} could not be read ({why}); the checkpoint is damaged or not this "
+                                 "trainer's: use another checkpoint") from None
         out.update({name: t.to(dtype) for name, t in state["model"].items()})
     return out
 

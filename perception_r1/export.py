@@ -103,7 +103,11 @@ def base_model_dir(run_dir: Path) -> Path:
             raise ValueError(f"the run started from its SFT warm start {path}, which is gone (no config.json); "
                              "run the export from the folder the run was started in, or restore that folder")
         return path.resolve()
-    return Path(resolve_model(cfg))
+    try:
+        return Path(resolve_model(cfg))
+    except ValueError as e:
+        raise ValueError(f"{run_dir / 'config.yaml'}: {e} (relative paths are read from the folder the run was "
+                         "started in: run the export from there)") from None
 
 
 def _check_out_dir(out_dir: Path, *, force: bool) -> None:

@@ -174,3 +174,18 @@ def test_model_state_is_read_in_pieces_and_never_unpickled_freely(tmp_path):
     with pytest.raises(ValueError, match=r"\.metadata is not a checkpoint index"):
         read_model_state(tampered, dtype=torch.bfloat16)
     assert not marker.exists()
+
+
+def test_a_damaged_shard_is_a_clear_error(tmp_path):
+    from learner.sharded_state import read_model_state, save_learner
+
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    path = tmp_path / "step_000001"
+    path.mkdir()
+    save_learner(path, model=model, optimizer=optimizer,
+                 scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), version=1)
+    for shard in (path / "learner").glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:10])  # truncated, as by a full disk
+    with pytest.raises(ValueError, match=r"could not be read .*use another checkpoint"):
+        read_model_state(path, dtype=torch.bfloat16)
