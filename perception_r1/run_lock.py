@@ -46,6 +46,16 @@ class RunLock:
         self._fd = fd
         return self
 
+    def check_free(self) -> None:
+        """Refuse now if another run holds the folder (the CLI calls this before its slow imports; the
+        run itself still takes the lock). A folder it cannot create is left to the run's own checks."""
+        try:
+            self.acquire().release()
+        except RunFolderBusy:
+            raise
+        except OSError:
+            pass
+
     def release(self) -> None:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)

@@ -20,6 +20,9 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from perception_r1.run_lock import RunLock
+
+    RunLock(cfg.run_dir).check_free()  # a busy run folder is refused before torch and Ray are imported
     from perception_r1.driver import RunFailed, train
     from perception_r1.stop_signals import Interrupted
 

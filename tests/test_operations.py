@@ -275,7 +275,7 @@ def test_second_run_is_refused_and_an_early_sigint_stops_the_first(tmp_path):
     try:
         wait_for("INFO perception_r1: run folder")  # the lock is held from here on
         second = cli(args)
-        out, _ = second.communicate(timeout=60)
+        out, _ = second.communicate(timeout=120)  # refused before torch and Ray load: seconds, unless 2 cores are busy
         assert second.returncode == 2, out[-2000:]
         assert f"is in use by another run (pid {first.pid} on" in out
         wait_for("start-up: actors, learner and judge starting")  # Ray is up; the learner is not
