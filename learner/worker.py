@@ -238,7 +238,9 @@ def checkpoint_error(path: Path, error: BaseException) -> OSError:
 
 
 def _chain(error: BaseException | None):
-    while error is not None:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:  # a context chain can loop
+        seen.add(id(error))
         yield error
         error = error.__cause__ or error.__context__
 
