@@ -67,6 +67,8 @@ class Orchestrator:
         """The latest scored groups (sample rollout tables are drawn from them)."""
         self.calls: dict[int, tuple[int, float]] = {}
         """In-flight generate calls: call id -> (actor index, start time), for the watchdog's diagnosis."""
+        self.num_scored = 0
+        """Groups scored so far (for the watchdog's diagnosis)."""
         self.skipped_in_a_row = 0
         self.fatal = ""
         """Why no step can come (every prompt of the dataset skipped); empty while dispatch can go on."""
@@ -187,6 +189,7 @@ class Orchestrator:
             await self.buffer.release(1)
             return
         self.recent.append(scored)
+        self.num_scored += 1
         if not await self.buffer.put(scored):
             self.counters["evicted_at_put"] += 1
             self.stream.resolve([group.seq])

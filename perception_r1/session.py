@@ -183,10 +183,10 @@ class Session:
             return (f"{waited}: generation actor {oldest[0]} has had a call in flight for "
                     f"{time.monotonic() - oldest[1]:.0f}s (a stalled engine); the run stops")
         c = self.orchestrator.counters
-        if c["skipped_prompts"] and not self.orchestrator.recent:
+        if c["skipped_prompts"] and not self.orchestrator.num_scored:
             return f"{waited}: every generate call was refused or failed ({c['skipped_prompts']} prompts skipped)"
         return (f"{waited}: the learner holds no step's worth of admissible groups or does not finish its step "
-                f"(groups scored recently: {len(self.orchestrator.recent)}, dropped uniform {c['dropped_uniform']}, "
+                f"(groups scored so far {self.orchestrator.num_scored}, dropped uniform {c['dropped_uniform']}, "
                 f"evicted {c['evicted_at_put']}); see the learner's log lines above")
 
     async def _close_buffer(self) -> None:
