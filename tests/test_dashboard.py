@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import signal
 from collections import defaultdict
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import pytest
+from time_bound import within
 
 from core.config import LossConfig
 from core.records import (
@@ -47,15 +47,8 @@ ray/_private/telemetry/open_telemetry_metric_recorder.py, Ray 2.60) and writes n
 @pytest.fixture(autouse=True)
 def time_bound():
     """Each test ends within 60 s (it imports torch): a hang fails it instead of stalling the suite."""
-
-    def expire(signum, frame):
-        raise TimeoutError("test ran over its 60 s bound")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    with within(60):
+        yield
 
 
 # --------------------------------------------------------------------------------- what is exported

@@ -8,13 +8,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from time_bound import within
 
 from dataprep.loaders import read_prompts
 
@@ -24,15 +24,8 @@ GOOD = {"id": "good", "problem": "<image>Find x.", "answer": "3"}
 @pytest.fixture(autouse=True)
 def time_bound():
     """Each test ends within 30 s: a loader that hangs fails its test instead of stalling the suite."""
-
-    def expire(signum, frame):
-        raise TimeoutError("test ran over its 30 s bound")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(30)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    with within(30):
+        yield
 
 
 def png(color: int = 10) -> bytes:
