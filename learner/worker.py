@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from core import codec
 from core.config import Config
+from core.os_errors import os_error_text, probe_write
 from core.records import (
     LearnerFinished,
     LearnerStarted,
@@ -40,7 +41,12 @@ from core.records import (
 )
 from core.seams import BatchSource, ReportSink
 from learner.batch_metrics import reward_metrics
-from learner.sharded_state import UNREPORTED_FILE, load_learner, newest_complete, save_learner
+from learner.sharded_state import (
+    UNREPORTED_FILE,
+    load_learner,
+    newest_complete,
+    save_learner,
+)
 from learner.sync import WeightBroadcaster
 from learner.trainer import Learner
 
@@ -229,11 +235,11 @@ def _checkpoint(wiring: LearnerWiring, learner: Learner, *, version: int) -> str
 def checkpoint_error(path: Path, error: BaseException) -> OSError:
     """Why a checkpoint could not be written, in the OS's words: torch's writers often hide the cause
     (a full disk reads as 'unexpected pos 704 vs 598'), so a failed write is followed by a probe write."""
-    cause = next((e for e in _chain(error) if isinstance(e, OSError) and e.errno), None) or _probe(path)
+    cause = next((e for e in _chain(error) if isinstance(e, OSError) and e.errno), None) or probe_write(
+        path if path.is_dir() else path.parent, name=".write-probe", size=1 << 20)
     if cause is None:
         return OSError(errno.EIO, f"writing checkpoint {path} failed ({type(error).__name__}: {error})")
-    reason = os.strerror(cause.errno).lower()
-    return OSError(cause.errno, f"cannot write checkpoint {path}: {reason} ({errno.errorcode.get(cause.errno, '')}); "
+    return OSError(cause.errno, f"cannot write checkpoint {path}: {os_error_text(cause)}; "
                                 "free space there (or lower checkpoint.keep), or move run.output_dir")
 
 
@@ -243,23 +249,6 @@ def _chain(error: BaseException | None):
         seen.add(id(error))
         yield error
         error = error.__cause__ or error.__context__
-
-
-def _probe(path: Path) -> OSError | None:
-    probe = (path if path.is_dir() else path.parent) / ".write-probe"
-    try:
-        with open(probe, "wb") as f:
-            f.write(b"\0" * (1 << 20))
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
-        return None
-    except OSError as e:
-        try:
-            probe.unlink(missing_ok=True)
-        except OSError:
-            pass
-        return e
 
 
 def restore_point(root: Path, resume_from: str | None) -> Path | None:

@@ -5,7 +5,6 @@ the folder and the fix, instead of a wait that never ends or a traceback minutes
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import urllib.error
@@ -13,16 +12,10 @@ import urllib.request
 from pathlib import Path
 
 from core.config import Config, resources_requested
+from core.os_errors import os_error_text, probe_write
 
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
 TRACKING_PROBE_S = 10.0
-
-
-def os_error_text(e: OSError) -> str:
-    """An OS error as a user reads it: 'no space left on device (ENOSPC)'."""
-    code = errno.errorcode.get(e.errno or 0, "")
-    reason = (e.strerror or str(e)).lower()
-    return f"{reason} ({code})" if code else reason
 
 
 def check_model_type(path: Path) -> None:
@@ -39,11 +32,11 @@ def check_writable(folder: Path, *, field: str) -> None:
     """Create `folder` and write a probe file in it; the OS's reason (no space, permission) named if not."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
+        error = probe_write(folder, name=f".write-probe-{os.getpid()}", size=4096)
     except OSError as e:
-        raise ValueError(f"{field}: cannot write to {folder}: {os_error_text(e)}; free space or pick a "
+        error = e
+    if error is not None:
+        raise ValueError(f"{field}: cannot write to {folder}: {os_error_text(error)}; free space or pick a "
                          "writable folder") from None
 
 
