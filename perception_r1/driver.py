@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import ray
 from ray import serve
 from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchConfig
 from ray.util.queue import Queue
 
 from actors.actor import remote_class
@@ -34,6 +33,7 @@ from learner.sft import SFTInterrupted, run_sft
 from learner.worker import LearnerWiring, train_loop_per_worker
 from perception_r1 import preflight, run_checkpoints
 from perception_r1.adapters import RayBuffer, RayGenerator, RayReports
+from perception_r1.learner_thread import AbortableTrainer, LearnerThread
 from perception_r1.run_checkpoints import load_latest
 from perception_r1.run_lock import RunLock
 from perception_r1.session import Session
@@ -44,6 +44,8 @@ from perception_r1.tracking import ConsoleSink, FanOut, MlflowSink, RayMetricsSi
 from replay.buffer import ReplayBuffer
 
 log = logging.getLogger("perception_r1")
+LEARNER_END_S = 60.0
+"""How long the driver waits for an aborted learner before Ray shuts down."""
 
 
 @dataclass
@@ -160,7 +162,7 @@ def build_buffer(cfg: Config, *, initial_version: int):
 def build_trainer(cfg: Config, wiring, run_dir: Path):
     lc = cfg.learner
     resources = {"CPU": lc.cpus_per_worker} | ({"GPU": 1} if lc.num_gpus_per_worker else {})
-    return TorchTrainer(
+    return AbortableTrainer(
         train_loop_per_worker, train_loop_config={"wiring": wiring},
         torch_config=TorchConfig(backend="nccl" if lc.num_gpus_per_worker else "gloo",
                                  timeout_s=int(cfg.sync.timeout_s)),
@@ -280,7 +282,7 @@ def _run(cfg: Config, *, model_path: str, prompts: list, run_dir: Path, restored
                            actors=actors, reports=reports, checkpoint_root=str((run_dir / "checkpoints").resolve()),
                            resume_from=str(ckpt_path) if ckpt_path else None,
                            weight_transport="torch" if isinstance(cfg.rollout.engine, HFEngineConfig) else "vllm")
-    judge, session = None, None
+    judge, session, learner = None, None, None
     try:
         learner = LearnerThread(build_trainer(cfg, wiring, run_dir))
         log.info("start-up: actors, learner and judge starting")
@@ -298,6 +300,8 @@ def _run(cfg: Config, *, model_path: str, prompts: list, run_dir: Path, restored
                 sink.close(status="")
         if judge is not None:
             judge.stop()
+        if learner is not None:
+            learner.end(timeout_s=LEARNER_END_S)  # before Ray shuts down, which a thread inside fit() cannot survive
         for handle in [buffer, reports.actor, *actors]:  # a learner still starting fails on these and ends
             ray.kill(handle)
     if session.fatal:
@@ -308,23 +312,6 @@ def _run(cfg: Config, *, model_path: str, prompts: list, run_dir: Path, restored
     return RunResult(run_dir=run_dir, final_version=session.version, steps_logged=session.steps_logged,
                      mlflow_run_id=mlflow_sink.run_id, counters=dict(session.counters()), stopped_early=stopped,
                      history=session.history)
-
-
-class LearnerThread:
-    """Ray Train's blocking `fit()` in a daemon thread, started at once; `error()` is what it raised."""
-
-    def __init__(self, trainer: TorchTrainer) -> None:
-        self.result: dict = {}
-        self.thread = threading.Thread(target=lambda: self.result.update(out=_fit(trainer)), name="learner-fit",
-                                       daemon=True)
-        self.thread.start()
-
-    def alive(self) -> bool:
-        return self.thread.is_alive()
-
-    def error(self) -> BaseException | None:
-        out = self.result.get("out")
-        return out if isinstance(out, BaseException) else None
 
 
 def _run_until_done(session: Session, learner: LearnerThread) -> None:
@@ -350,14 +337,6 @@ def _last_line(error: BaseException) -> str:
     """The innermost message of an error whose text carries a remote traceback (Ray Train's)."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     return lines[-1] if lines else repr(error)
-
-
-def _fit(trainer: TorchTrainer) -> BaseException | None:
-    try:
-        trainer.fit()
-        return None
-    except BaseException as e:  # noqa: BLE001 -- handed to the main thread, which re-raises it
-        return e
 
 
 def _shutdown(connection: str) -> None:

@@ -1,0 +1,104 @@
+"""Ray Train's blocking `fit()` in a thread of the driver, and the way to end it before Ray shuts down.
+
+`ray.shutdown()` while another thread waits inside `fit()` ends the driver process (measured with Ray 2.60
+on this machine: "The core worker has already been shutdown ... The process will exit", exit 1; once in CI,
+SIGSEGV). So a run that stops before its learner has finished (a Ctrl-C during start-up, a fatal error)
+aborts Ray Train's controller, as Ray's own Ctrl-C handler does when `fit()` runs on the main thread, and
+waits for the thread before shutting Ray down.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import ray
+from ray.train.torch import TorchTrainer
+
+log = logging.getLogger("perception_r1")
+
+
+class AbortableTrainer(TorchTrainer):
+    """A `TorchTrainer` that keeps its controller's handle so that another thread can abort the run.
+
+    Ray 2.60 (pinned in pyproject.toml) creates the controller in the private `_initialize_and_run_controller`
+    and keeps no handle; this override is that method's body with the handle kept. Written here, not with a
+    public API, because Ray Train v2 offers no way to abort a `fit()` running off the main thread."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._lock = threading.Lock()
+        self._controller = None
+        self._aborted = False
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
+        from ray.train.v2._internal.constants import (DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+                                                      get_env_vars_to_propagate)
+        from ray.train.v2._internal.execution.controller import TrainController
+
+        env_vars = get_env_vars_to_propagate()
+        env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+        controller_cls = ray.remote(num_cpus=0, runtime_env={"env_vars": env_vars}, label_selector={
+            ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()})(TrainController)
+        with self._lock:
+            if self._aborted:
+                raise LearnerAborted("the learner was aborted before it started")
+            self._controller = controller_cls.remote(**controller_init_kwargs)
+        ray.get(self._controller.run.remote())
+        return ray.get(self._controller.get_result.remote())
+
+    def abort(self, timeout_s: float) -> None:
+        """Abort the run (its workers end with it); a `fit()` not yet at its controller never starts one."""
+        with self._lock:
+            self._aborted = True
+            controller = self._controller
+        if controller is None:
+            return
+        try:
+            ray.get(controller.abort.remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError:
+            pass  # abort() ends the controller's process: this is how it answers
+        except Exception as e:  # noqa: BLE001 -- stopping: kill it instead
+            log.warning("aborting the learner's controller failed (%s); killing it", e)
+            ray.kill(controller, no_restart=True)
+
+
+class LearnerAborted(RuntimeError):
+    """The driver aborted the learner before its controller started."""
+
+
+class LearnerThread:
+    """`fit()` in a daemon thread, started at once; `error()` is what it raised."""
+
+    def __init__(self, trainer: AbortableTrainer) -> None:
+        self.trainer = trainer
+        self.result: dict = {}
+        self.thread = threading.Thread(target=lambda: self.result.update(out=_fit(trainer)), name="learner-fit",
+                                       daemon=True)
+        self.thread.start()
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def error(self) -> BaseException | None:
+        out = self.result.get("out")
+        return out if isinstance(out, BaseException) else None
+
+    def end(self, timeout_s: float) -> bool:
+        """Abort a learner still running and wait for its thread (at most `timeout_s`): True once it ended."""
+        if not self.alive():
+            return True
+        self.trainer.abort(timeout_s)
+        self.thread.join(timeout=timeout_s)
+        if self.alive():
+            log.warning("the learner did not end within %.0fs of its abort", timeout_s)
+        return not self.alive()
+
+
+def _fit(trainer: TorchTrainer) -> BaseException | None:
+    try:
+        trainer.fit()
+        return None
+    except BaseException as e:  # noqa: BLE001 -- handed to the main thread, which re-raises it
+        return e
