@@ -212,6 +212,10 @@ class JudgeConfig(Section):
     verdict_mode: Literal["reference", "strict"] = "reference"
     """`reference`: K counted from the judge's tags; `strict`: K = number of annotations, missing items 0.
     `reward.mode: fixed` always counts strictly (docs/method.md §8's treatment of the K bug)."""
+    prompt_file: str | None = None
+    """A text file holding the judge's system message: another wording, the same `<infoK>` answer tags;
+    `{examples}` in it becomes our three worked examples (docs/judge-prompt.txt is ours, written so). Read
+    on the driver at start-up (relative to where the run starts). None: the built-in prompt."""
     temperature: float = Field(0.0, ge=0.0)
     max_tokens: int = Field(512, ge=1)
     timeout_s: float = Field(60.0, gt=0.0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from evaluation.benchmarks import BenchmarkItem
 from evaluation.evaluate import PerceptionLabel
-from judge.verdicts import judge_messages, parse_verdicts
+from judge.verdicts import SYSTEM_PROMPT, judge_messages, parse_verdicts
 
 
 def label_from_reply(reply: str, *, num_annotations: int) -> PerceptionLabel:
@@ -28,13 +28,14 @@ def label_from_reply(reply: str, *, num_annotations: int) -> PerceptionLabel:
 class LLMLabeller:
     """Asks an OpenAI-compatible judge LLM (the training judge's prompt; temperature 0, 512 tokens)."""
 
-    def __init__(self, client) -> None:
-        """`client`: a `core.openai_calls.ChatClient` for the judge endpoint."""
-        self.client = client
+    def __init__(self, client, *, system_prompt: str = SYSTEM_PROMPT) -> None:
+        """`client`: a `core.openai_calls.ChatClient` for the judge endpoint; `system_prompt`: the training
+        judge's (ours, or a `judge.prompt_file`'s)."""
+        self.client, self.system_prompt = client, system_prompt
         self.num_unparseable = 0
 
     async def __call__(self, item: BenchmarkItem, response: str) -> PerceptionLabel:
-        reply = await self.client.chat(judge_messages(response, item.prompt.annotations))
+        reply = await self.client.chat(judge_messages(response, item.prompt.annotations, system_prompt=self.system_prompt))
         label = label_from_reply(reply.text, num_annotations=len(item.prompt.annotations))
         self.num_unparseable += label.correct is None
         return label

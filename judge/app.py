@@ -30,6 +30,7 @@ from core.records import JudgeStats, RolloutGroup, ScoredGroup
 from judge.client import JudgeClient, JudgeEndpoint
 from judge.lexical import lexical_reply
 from judge.scoring import GroupScorer
+from judge.verdicts import SYSTEM_PROMPT
 from judge.verifier import VerifierPool
 
 MSGPACK = "application/msgpack"
@@ -69,12 +70,12 @@ class RewardServer:
     every group so the service can sum them over replicas."""
 
     def __init__(self, cfg: JudgeConfig, endpoint: JudgeEndpoint, *, board: Any = None, num_verify_workers: int = 2,
-                 verify_timeout_s: float = 10.0) -> None:
+                 verify_timeout_s: float = 10.0, system_prompt: str = SYSTEM_PROMPT) -> None:
         self.replica = uuid.uuid4().hex
         self.board = board
         self.scorer = GroupScorer(cfg, verifier=VerifierPool(num_workers=num_verify_workers, timeout_s=verify_timeout_s),
                                   judge=JudgeClient(cfg, endpoint, backoff_s=cfg.retry_backoff_s,
-                                                    backoff_max_s=cfg.retry_backoff_max_s))
+                                                    backoff_max_s=cfg.retry_backoff_max_s, system_prompt=system_prompt))
 
     async def score(self, group: RolloutGroup) -> ScoredGroup:
         scored = await self.scorer.score(group)

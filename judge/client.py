@@ -33,7 +33,7 @@ import numpy as np
 
 from core.config import JudgeConfig
 from core.records import JudgeStats
-from judge.verdicts import Verdicts, judge_messages, parse_verdicts
+from judge.verdicts import SYSTEM_PROMPT, Verdicts, judge_messages, parse_verdicts
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,8 @@ class JudgeClient:
     """`await client.judge(response, annotations) -> Judgement`. Bound to the event loop of its first call."""
 
     def __init__(self, cfg: JudgeConfig, endpoint: JudgeEndpoint, *, backoff_s: float = 0.5,
-                 backoff_max_s: float = 8.0) -> None:
-        self.cfg, self.endpoint = cfg, endpoint
+                 backoff_max_s: float = 8.0, system_prompt: str = SYSTEM_PROMPT) -> None:
+        self.cfg, self.endpoint, self.system_prompt = cfg, endpoint, system_prompt
         self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
         self.strict = cfg.verdict_mode == "strict" or cfg.reward.mode == "fixed"
         self.finite = cfg.reward.mode == "fixed"
@@ -192,7 +192,7 @@ class JudgeClient:
         self._in_flight += 1
         try:
             reply = await asyncio.wait_for(client.chat.completions.create(
-                model=self.endpoint.model, messages=judge_messages(response, annotations),
+                model=self.endpoint.model, messages=judge_messages(response, annotations, system_prompt=self.system_prompt),
                 temperature=self.cfg.temperature, n=1, max_completion_tokens=self.cfg.max_tokens,
                 timeout=self.cfg.timeout_s), self.cfg.timeout_s + 0.5)
         except (asyncio.TimeoutError, openai.APITimeoutError) as e:

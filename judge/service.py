@@ -19,6 +19,7 @@ from core.config import (
 )
 from core.records import JudgeStats, RolloutGroup, ScoredGroup
 from judge.client import JudgeEndpoint
+from judge.prompt_file import load_system_prompt
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def start_judge(cfg: JudgeConfig) -> JudgeService:
     board = StatsBoard.remote()
     reward = RewardServer.options(num_replicas=cfg.num_reward_replicas).bind(
         cfg, endpoint, board=board, num_verify_workers=cfg.num_verify_workers,
-        verify_timeout_s=cfg.verify_timeout_s)
+        verify_timeout_s=cfg.verify_timeout_s, system_prompt=load_system_prompt(cfg.prompt_file))
     handle = serve.run(reward, name=REWARD_APP, route_prefix=f"/{REWARD_APP}", logging_config=quiet)
     ray.get(board.all.remote())  # the board is up before the first report
     handle.warm_up.remote().result()

@@ -81,16 +81,20 @@ def _example(items: tuple[str, ...], response: str, marks: tuple[int, ...]) -> s
     return f"{user_message(response, items)}Judgement: {judgement}\n"
 
 
-SYSTEM_PROMPT = INSTRUCTION + "".join(_example(*e) for e in _EXAMPLES)
+WORKED_EXAMPLES = "".join(_example(*e) for e in _EXAMPLES)
+"""Our three worked examples in the request's own format (what `{examples}` in a prompt file becomes)."""
+SYSTEM_PROMPT = INSTRUCTION + WORKED_EXAMPLES
 """The instruction followed by three worked examples, concatenated without separators (as the reference)."""
 
 
-def judge_messages(response: str, annotations: Sequence[str]) -> list[dict[str, str]]:
-    """The chat messages of one judgement: the system prompt and the user message."""
+def judge_messages(response: str, annotations: Sequence[str], *,
+                   system_prompt: str = SYSTEM_PROMPT) -> list[dict[str, str]]:
+    """The chat messages of one judgement: the system prompt (ours unless `judge.prompt_file` names
+    another, see `judge.prompt_file`) and the user message."""
     if not annotations:
         raise ValueError("annotations is empty: a response without annotations gets no visual reward, "
                          "do not send it to the judge")
-    return [{"role": "system", "content": SYSTEM_PROMPT},
+    return [{"role": "system", "content": system_prompt},
             {"role": "user", "content": user_message(response, annotations)}]
 
 

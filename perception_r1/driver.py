@@ -28,6 +28,7 @@ from core.config_files import to_yaml
 from core.records import Sampling
 from dataprep.loaders import load_prompts as load_file
 from dataprep.synthetic import make_problems
+from judge.prompt_file import load_system_prompt
 from judge.service import start_judge
 from learner.sft import SFTInterrupted, run_sft
 from learner.worker import LearnerWiring, train_loop_per_worker
@@ -189,6 +190,7 @@ def train(cfg: Config, *, resume: bool = False) -> RunResult:
     run_dir = cfg.run_dir
     check_job_paths(cfg)
     preflight.check_writable(run_dir, field="run.output_dir")
+    load_system_prompt(cfg.judge.prompt_file)  # a bad judge prompt file fails now, not after Ray starts
     with RunLock(run_dir), StopSignals() as stop:
         log.info("run folder %s; mlflow %s", run_dir.resolve(), mlflow_uri(cfg.tracking))
         run_checkpoints.remove_unfinished(run_dir / "checkpoints")  # the lock says no learner writes them
@@ -295,6 +297,8 @@ def _run(cfg: Config, *, model_path: str, prompts: list, run_dir: Path, restored
         stop.on_stop(session.request_stop)
         _run_until_done(session, learner)
     finally:
+        if learner is not None and (session is None or not session.learner_starts):
+            learner.abort()  # not up yet: start ending it now, while the judge stops (waited for below)
         for sink in sinks.sinks:
             if sink is not mlflow_sink:  # closed by train(), with the run's status
                 sink.close(status="")

@@ -63,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     seen.add_argument("--perception-key-env", help="environment variable holding its API key (default: --judge-key-env)")
     seen.add_argument("--perception-max-tokens", type=int, default=512,
                       help="reply tokens for perception verdicts (training: 512)")
+    seen.add_argument("--perception-prompt-file",
+                      help="the judge's system message from a file, as training's judge.prompt_file (default: ours)")
     calls = parser.add_argument_group("requests")
     calls.add_argument("--concurrency", type=int, default=16, help="requests in flight per endpoint")
     calls.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
@@ -146,15 +148,21 @@ def _benchmark_spec(spec: str) -> tuple[str, str | None]:
 
 def _settings(args: argparse.Namespace) -> dict:
     """What makes results comparable: a folder is only resumed with the same settings."""
+    import hashlib
+
     from core.config import FORMAT_PROMPT
 
     return {"policy": args.policy_model or str(Path(args.model_path).resolve()), "max_tokens": args.max_tokens,
             "judge_model": args.judge_model, "mathverify_mode": args.mathverify_mode, "perception": args.perception,
-            "perception_model": args.perception_model, "format_prompt": FORMAT_PROMPT}
+            "perception_model": args.perception_model, "format_prompt": FORMAT_PROMPT,
+            **({"perception_prompt_sha1": hashlib.sha1(args.perception_prompt.encode()).hexdigest()}
+               if args.perception_prompt_file else {})}
 
 
 def _resolve_perception(args: argparse.Namespace) -> None:
     """Fill the perception judge's defaults from the answer judge's; `auto` becomes llm or none."""
+    from judge.prompt_file import load_system_prompt
+
     args.perception_url = args.perception_url or args.judge_url
     args.perception_model = args.perception_model or args.judge_model
     args.perception_key_env = args.perception_key_env or args.judge_key_env
@@ -165,6 +173,7 @@ def _resolve_perception(args: argparse.Namespace) -> None:
                          "(or --judge-url and --judge-model); or use --perception lexical / none")
     if args.perception != "llm":
         args.perception_model = None
+    args.perception_prompt = load_system_prompt(args.perception_prompt_file, field="--perception-prompt-file")
 
 
 # -------------------------------------------------------------------------------------- building
@@ -226,7 +235,7 @@ async def _evaluate(items: list, responder, args: argparse.Namespace, results_pa
     if args.perception == "llm":
         clients.append(ChatClient(_endpoint(args.perception_url, args.perception_model, args.perception_key_env,
                                             max_tokens=args.perception_max_tokens, args=args), concurrency=args.concurrency))
-        labeller = LLMLabeller(clients[-1])
+        labeller = LLMLabeller(clients[-1], system_prompt=args.perception_prompt)
     elif args.perception == "lexical":
         labeller = LexicalLabeller()
     try:

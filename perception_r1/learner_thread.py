@@ -16,6 +16,8 @@ import ray
 from ray.train.torch import TorchTrainer
 
 log = logging.getLogger("perception_r1")
+KILL_WAIT_S = 15.0
+"""How long `LearnerThread.end` waits after killing a controller that ignored its abort."""
 
 
 class AbortableTrainer(TorchTrainer):
@@ -48,19 +50,20 @@ class AbortableTrainer(TorchTrainer):
         ray.get(self._controller.run.remote())
         return ray.get(self._controller.get_result.remote())
 
-    def abort(self, timeout_s: float) -> None:
-        """Abort the run (its workers end with it); a `fit()` not yet at its controller never starts one."""
+    def abort(self) -> None:
+        """Ask the controller to abort the run (its workers end with it), without waiting; a `fit()` not yet
+        at its controller never starts one."""
         with self._lock:
             self._aborted = True
             controller = self._controller
-        if controller is None:
-            return
-        try:
-            ray.get(controller.abort.remote(), timeout=timeout_s)
-        except ray.exceptions.RayActorError:
-            pass  # abort() ends the controller's process: this is how it answers
-        except Exception as e:  # noqa: BLE001 -- stopping: kill it instead
-            log.warning("aborting the learner's controller failed (%s); killing it", e)
+        if controller is not None:
+            controller.abort.remote()  # abort() ends the controller's process: fit() then raises
+
+    def kill(self) -> None:
+        """End the controller's process (for a controller that did not honour `abort`)."""
+        with self._lock:
+            controller = self._controller
+        if controller is not None:
             ray.kill(controller, no_restart=True)
 
 
@@ -85,14 +88,22 @@ class LearnerThread:
         out = self.result.get("out")
         return out if isinstance(out, BaseException) else None
 
+    def abort(self) -> None:
+        """Start ending a learner still running (see `end`); returns at once."""
+        if self.alive():
+            self.trainer.abort()
+
     def end(self, timeout_s: float) -> bool:
-        """Abort a learner still running and wait for its thread (at most `timeout_s`): True once it ended."""
+        """Abort a learner still running and wait for its thread (at most `timeout_s`, then its controller is
+        killed and waited for a little more): True once it ended."""
         if not self.alive():
             return True
-        self.trainer.abort(timeout_s)
+        self.trainer.abort()
         self.thread.join(timeout=timeout_s)
         if self.alive():
-            log.warning("the learner did not end within %.0fs of its abort", timeout_s)
+            log.warning("the learner did not end within %.0fs of its abort; killing its controller", timeout_s)
+            self.trainer.kill()
+            self.thread.join(timeout=KILL_WAIT_S)
         return not self.alive()
 
 

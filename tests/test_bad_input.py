@@ -97,6 +97,13 @@ def cli(*argv: str) -> Callable[[Ctx], Exit]:
     return drive
 
 
+def judge_prompt(text: str | bytes) -> Callable[[Ctx], Any]:
+    """A judge prompt file with `text`, read as `judge.prompt_file`."""
+    from judge.prompt_file import load_system_prompt
+
+    return lambda ctx: load_system_prompt(str(ctx.write("p.txt", text)))
+
+
 def png(width: int = 32, height: int = 32, mode: str = "RGB") -> bytes:
     out = io.BytesIO()
     Image.new(mode, (width, height)).save(out, format="PNG")
@@ -289,6 +296,19 @@ CASES = [
     Case("cli-missing-config", cli("train"), says=("the following arguments are required: config",)),
     Case("cli-missing-dataset", cli("prepare-data", "write", "--input", "{tmp}/none", "--output-dir", "{tmp}/out"),
          says=("perception-r1 prepare-data: error:", "none does not exist")),
+    # the judge's prompt file (judge.prompt_file; eval's --perception-prompt-file)
+    Case("judge-prompt-file-missing", cli("train", "{cfg}", "--set", "run.output_dir={tmp}/runs",
+                                          "--set", "judge.prompt_file={tmp}/nope.txt"),
+         says=("perception-r1 train: error:", "judge.prompt_file=", "nope.txt: no such file", "built-in prompt")),
+    Case("judge-prompt-file-empty", judge_prompt(" \n"), says=("judge.prompt_file=", "p.txt", "empty", "docs/judge-prompt.txt")),
+    Case("judge-prompt-file-not-utf8", judge_prompt("Mark each <infoK> caf\xe9".encode("latin-1")),
+         says=("p.txt", "not UTF-8", "save it as UTF-8")),
+    Case("judge-prompt-file-without-tags", judge_prompt("Say whether the solution uses the diagram."),
+         says=("p.txt", "<infoK>1</infoK>", "{examples}")),
+    Case("eval-prompt-file-missing", cli("eval", "--benchmark", "synthetic", "--policy-url", "http://127.0.0.1:9/v1",
+                                         "--policy-model", "m", "--perception", "lexical", "--perception-prompt-file",
+                                         "{tmp}/nope.txt", "--output-dir", "{tmp}/eval"),
+         says=("perception-r1 eval: error:", "--perception-prompt-file=", "no such file")),
     # model folders
     Case("model-path-missing", model_folder(None), says=("model.path", "not a model folder", "local copy of the model")),
     Case("model-without-config", model_folder({"README.md": "weights elsewhere"}), says=("no config.json", "local copy")),

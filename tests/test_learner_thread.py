@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
 
     ray.init(num_cpus=2, include_dashboard=False)
     early = trainer()
-    early.abort(timeout_s=5)  # before its controller exists: fit() never starts one
+    early.abort()  # before its controller exists: fit() never starts one
     thread = LearnerThread(early)
     thread.thread.join(timeout=60)
     print("early:", type(thread.error()).__name__, flush=True)
