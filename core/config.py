@@ -480,12 +480,12 @@ def async_loss_default(data):
     staleness = _value(data.get("buffer"), "max_staleness", BufferConfig.model_fields["max_staleness"].default)
     if not isinstance(staleness, int) or staleness <= 0:
         return data
-    learner = data.get("learner") or {}
+    learner = data.get("learner", {})
     if isinstance(learner, BaseModel):
         return {**data, "learner": learner.model_copy(update={"loss": learner.loss.model_copy(update={"type": "tis"})})}
-    if not isinstance(learner, dict):
+    loss = learner.get("loss", {}) if isinstance(learner, dict) else None
+    if not isinstance(loss, (dict, BaseModel)):
         return data  # the schema's own error names it
-    loss = learner.get("loss") or {}
     loss = loss.model_copy(update={"type": "tis"}) if isinstance(loss, BaseModel) else {**loss, "type": "tis"}
     return {**data, "learner": {**learner, "loss": loss}}
 

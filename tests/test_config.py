@@ -90,6 +90,9 @@ def test_the_default_loss_follows_the_schedule():
     repo = Path(__file__).resolve().parents[1] / "configs"
     assert load_config(repo / "demo-cpu.yaml").learner.loss.type == "tis"
     assert load_config(repo / "qwen2_5_vl_7b_geo3k.yaml").learner.loss.type == "grpo"  # synchronous, as the reference
+    for bad in ({"learner": None}, {"learner": {"loss": None}}, {"learner": {"loss": 5}}):  # the schema's errors
+        with pytest.raises(ValueError, match="Input should be a valid dictionary"):
+            parse_config(bad)
 
 
 def test_async_with_the_uncorrected_loss_is_refused_unless_allowed():
