@@ -53,6 +53,9 @@ class ClusterConfig(Section):
     """Where a local cluster's dashboard listens; loopback unless you mean to expose it."""
     include_dashboard: bool = True
     """Start the Ray dashboard with a local cluster (metrics at `/metrics`)."""
+    gpu_memory_gib: float | None = Field(None, gt=0)
+    """Memory of one GPU, for the learner's memory estimate (perception_r1/memory_estimate.py). None: what
+    nvidia-smi reports when a GPU is visible here, else 80 (an A100/H100 80 GB)."""
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -156,10 +159,13 @@ class RolloutConfig(Section):
 
     @model_validator(mode="after")
     def _engine(self) -> RolloutConfig:
-        if isinstance(self.engine, VLLMEngineConfig) and self.num_gpus_per_actor < self.engine.tensor_parallel_size:
+        tp = getattr(self.engine, "tensor_parallel_size", None)
+        if isinstance(self.engine, VLLMEngineConfig) and self.num_gpus_per_actor != tp:
             raise ValueError(
-                f"rollout.engine.tensor_parallel_size={self.engine.tensor_parallel_size} needs "
-                f"rollout.num_gpus_per_actor >= {self.engine.tensor_parallel_size} (got {self.num_gpus_per_actor})")
+                f"rollout.engine.tensor_parallel_size={tp} needs rollout.num_gpus_per_actor = {tp} (got "
+                f"{self.num_gpus_per_actor:g}): vLLM runs one worker per GPU of the actor's tensor-parallel group "
+                f"(fewer GPUs: it fails at start; more: Ray holds GPUs nobody uses); set rollout.num_gpus_per_actor: "
+                f"{tp} or rollout.engine.tensor_parallel_size to the GPUs per actor")
         return self
 
 
@@ -204,6 +210,15 @@ class VLLMJudgeConfig(Section):
     enforce_eager: bool = False
     kv_cache_memory_bytes: int | None = Field(None, ge=1 << 20)
     """Cap the KV cache (small judge models otherwise reserve millions of tokens)."""
+
+    @model_validator(mode="after")
+    def _gpus(self) -> VLLMJudgeConfig:
+        if self.num_gpus_per_replica != self.tensor_parallel_size:
+            raise ValueError(
+                f"judge.llm.tensor_parallel_size={self.tensor_parallel_size} needs judge.llm.num_gpus_per_replica = "
+                f"{self.tensor_parallel_size} (got {self.num_gpus_per_replica:g}): vLLM runs one worker per GPU of "
+                f"the replica; set judge.llm.num_gpus_per_replica: {self.tensor_parallel_size}")
+        return self
 
 
 class JudgeConfig(Section):
@@ -260,7 +275,11 @@ class BufferConfig(Section):
 class LossConfig(Section):
     type: Literal["grpo", "tis", "decoupled"] = "grpo"
     """`grpo`: on-policy clipped loss; `tis`: times a truncated behaviour importance weight;
-    `decoupled`: clipped against the recomputed proximal policy, tokens over the behaviour cap masked (AReaL)."""
+    `decoupled`: clipped against the recomputed proximal policy, tokens over the behaviour cap masked (AReaL).
+    Left out of a whole config: `tis` when `buffer.max_staleness > 0`, else `grpo` (`Config._async_loss_default`)."""
+    allow_uncorrected_staleness: bool = False
+    """Accept `grpo` with `buffer.max_staleness > 0`: stale samples then train with no correction (its ratio
+    is taken against the learner's own recomputed log-probs, not the generator's)."""
     clip_low: float = Field(0.2, ge=0.0, lt=1.0)
     clip_high: float = Field(0.3, ge=0.0)
     dual_clip: float | None = Field(3.0, gt=1.0)
@@ -384,6 +403,11 @@ class Config(Section):
     tracking: TrackingConfig = TrackingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _async_loss_default(cls, data):
+        return async_loss_default(data)
+
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         for problem in _cross_field_problems(self):
@@ -425,14 +449,13 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         problems.append("sync.backend=nccl needs learner.num_gpus_per_worker=1; use gloo or auto on CPU")
     if cfg.learner.dtype == "bfloat16" and gpus == 0:
         problems.append("learner.dtype=bfloat16 needs GPUs (learner.num_gpus_per_worker=1); use float32 on CPU")
-    if isinstance(cfg.rollout.engine, VLLMEngineConfig) and cfg.rollout.num_gpus_per_actor == 0:
-        problems.append("rollout.engine.type=vllm needs rollout.num_gpus_per_actor >= 1; use engine type hf on CPU")
     if cfg.learner.attn_implementation == "flash_attention_2" and gpus == 0:
         problems.append("learner.attn_implementation=flash_attention_2 needs GPUs; use sdpa on CPU")
     engine = cfg.rollout.engine
     if (isinstance(cfg.model, PretrainedModelConfig) and cfg.model.random_weights and isinstance(engine, VLLMEngineConfig)
             and engine.load_format != "dummy"):
         problems.append("model.random_weights needs rollout.engine.load_format: dummy (vLLM would look for weights)")
+    problems += _staleness_problems(cfg)
     requested = resources_requested(cfg)["GPU"]
     cpus = resources_requested(cfg)["CPU"]
     if cfg.cluster.num_cpus is not None and cpus > cfg.cluster.num_cpus:
@@ -441,11 +464,64 @@ def _cross_field_problems(cfg: Config) -> list[str]:
             f"learner.cpus_per_worker {cfg.learner.cpus_per_worker:g}) but cluster.num_cpus is {cfg.cluster.num_cpus}; "
             "lower them or raise cluster.num_cpus (Ray would wait for the CPUs forever)")
     if cfg.cluster.num_gpus is not None and requested > cfg.cluster.num_gpus:
+        judge = cfg.judge.llm
+        judge_text = (f", judge.llm.num_replicas x judge.llm.num_gpus_per_replica = {judge.num_replicas}x"
+                      f"{judge.num_gpus_per_replica:g}" if isinstance(judge, VLLMJudgeConfig) else "")
         problems.append(
-            f"the config asks for {requested:g} GPUs (rollout {cfg.rollout.num_actors}x{cfg.rollout.num_gpus_per_actor:g}, "
-            f"learner {cfg.learner.num_workers}x{gpus}, judge) but cluster.num_gpus is {cfg.cluster.num_gpus}; "
-            "lower the counts or raise cluster.num_gpus")
+            f"the config asks for {requested:g} GPUs (rollout.num_actors x rollout.num_gpus_per_actor = "
+            f"{cfg.rollout.num_actors}x{cfg.rollout.num_gpus_per_actor:g}, learner.num_workers x "
+            f"learner.num_gpus_per_worker = {cfg.learner.num_workers}x{gpus}{judge_text}) but cluster.num_gpus is "
+            f"{cfg.cluster.num_gpus}; lower the counts or raise cluster.num_gpus")
     return problems
+
+
+# ------------------------------------------------------------------------------ async loss default
+def async_loss_default(data):
+    """A config that leaves `learner.loss.type` out gets `tis` when `buffer.max_staleness > 0` (the default
+    schedule is async), else `grpo`; a config that names a type keeps it (and `_staleness_problems` checks it)."""
+    if not isinstance(data, dict) or _is_given(data.get("learner"), "loss", "type"):
+        return data
+    staleness = _value(data.get("buffer"), "max_staleness", BufferConfig.model_fields["max_staleness"].default)
+    if not isinstance(staleness, int) or staleness <= 0:
+        return data
+    learner = data.get("learner", {})
+    if isinstance(learner, BaseModel):
+        return {**data, "learner": learner.model_copy(update={"loss": learner.loss.model_copy(update={"type": "tis"})})}
+    loss = learner.get("loss", {}) if isinstance(learner, dict) else None
+    if not isinstance(loss, (dict, BaseModel)):
+        return data  # the schema's own error names it
+    loss = loss.model_copy(update={"type": "tis"}) if isinstance(loss, BaseModel) else {**loss, "type": "tis"}
+    return {**data, "learner": {**learner, "loss": loss}}
+
+
+def _is_given(section, *keys: str) -> bool:
+    """Whether the raw input (dicts, or models built by the caller) sets the field at `keys`."""
+    for key in keys:
+        if isinstance(section, BaseModel):
+            if key not in section.model_fields_set:
+                return False
+            section = getattr(section, key)
+        elif isinstance(section, dict) and key in section:
+            section = section[key]
+        else:
+            return False
+    return True
+
+
+def _value(section, key: str, default):
+    if isinstance(section, BaseModel):
+        return getattr(section, key)
+    return section.get(key, default) if isinstance(section, dict) else default
+
+
+def _staleness_problems(cfg: Config) -> list[str]:
+    loss = cfg.learner.loss
+    if cfg.buffer.max_staleness == 0 or loss.type != "grpo" or loss.allow_uncorrected_staleness:
+        return []
+    return [f"buffer.max_staleness={cfg.buffer.max_staleness} with learner.loss.type=grpo: grpo's ratio is taken "
+            "against the learner's own recomputed log-probs, so samples from older policies get no correction; set "
+            "learner.loss.type: tis (or decoupled), or buffer.max_staleness: 0 for synchronous GRPO, or "
+            "learner.loss.allow_uncorrected_staleness: true to accept it"]
 
 
 def resources_requested(cfg: Config) -> dict[str, float]:

@@ -206,6 +206,7 @@ def train(cfg: Config, *, resume: bool = False) -> RunResult:
             try:
                 stop.check("Ray start-up")
                 preflight.check_resources(cfg, ray.cluster_resources())
+                preflight.check_placement(cfg, [node["Resources"] for node in ray.nodes() if node["Alive"]])
                 result = _run(cfg, model_path=model_path, prompts=prompts, run_dir=run_dir, restored=restored,
                               mlflow_sink=mlflow_sink, stop=stop)
                 status = "KILLED" if result.stopped_early else "FINISHED"
@@ -239,6 +240,7 @@ def check_job_paths(cfg: Config) -> None:
 def _prepare(cfg: Config, stop: StopSignals) -> tuple[str, list]:
     """The model folder (built, checked, warm-started) and the prompts; each phase honours a stop."""
     model_path = resolve_model(cfg)
+    preflight.check_learner_memory(cfg, model_path)  # before the SFT warm start and Ray
     stop.check("model preparation")
     prompts = load_prompts(cfg)
     stop.check("data loading")

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from core.config import Config, resources_requested
 from core.os_errors import os_error_text, probe_write
+from perception_r1 import memory_estimate, placement
+from perception_r1.memory_estimate import MemoryEstimate, ModelShape
 
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
 TRACKING_PROBE_S = 10.0
@@ -75,3 +78,53 @@ def check_resources(cfg: Config, total: dict[str, float]) -> None:
                          "learner.num_workers / learner.cpus_per_worker / rollout.num_actors / "
                          "rollout.num_gpus_per_actor / learner.num_gpus_per_worker, or give the cluster more "
                          "(cluster.num_cpus / cluster.num_gpus for a local one)")
+
+
+def check_placement(cfg: Config, nodes: list[dict[str, float]]) -> None:
+    """Every bundle of the placement plan finds a node with room (a bundle must land on one node)."""
+    problems = placement.misfits(placement.plan(cfg), nodes)
+    if problems:
+        raise ValueError(problems[0])
+
+
+# -------------------------------------------------------------------------------- learner memory
+DEFAULT_GPU_GIB = 80.0
+MEMORY_FIXES = ("lower learner.max_tokens_per_micro_batch, set learner.gradient_checkpointing: true (and "
+                "learner.checkpoint_every: 1), raise learner.num_workers (FSDP shards parameters, gradients and "
+                "AdamW state over them), or set cluster.gpu_memory_gib if your GPUs have more memory")
+NVIDIA_SMI_TIMEOUT_S = 10.0
+
+
+def gpu_memory_gib(cfg: Config) -> tuple[float, str]:
+    """(GiB of one GPU, where the number comes from): cluster.gpu_memory_gib, else nvidia-smi, else 80."""
+    if cfg.cluster.gpu_memory_gib is not None:
+        return cfg.cluster.gpu_memory_gib, "cluster.gpu_memory_gib"
+    mib = nvidia_smi("memory.total")
+    if mib:
+        return min(mib) / 1024, "nvidia-smi"
+    return DEFAULT_GPU_GIB, "assumed: no GPU visible here; set cluster.gpu_memory_gib"
+
+
+def nvidia_smi(query: str) -> list[float]:
+    """One number per visible GPU, or [] when nvidia-smi is missing, fails or hangs."""
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S, check=True).stdout
+        return [float(line) for line in out.split()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return []
+
+
+def learner_memory(cfg: Config, model_path: str | Path) -> MemoryEstimate:
+    """The estimate for the model folder's config.json against the GPU's memory."""
+    gib, _ = gpu_memory_gib(cfg)
+    return memory_estimate.estimate(cfg, ModelShape.from_config_json(model_path), gpu_gib=gib)
+
+
+def check_learner_memory(cfg: Config, model_path: str | Path) -> None:
+    """A GPU learner's estimated peak fits its GPU (an out-of-memory error would come minutes in)."""
+    if cfg.learner.num_gpus_per_worker == 0:
+        return
+    found = learner_memory(cfg, model_path)
+    if not found.fits:
+        raise ValueError("\n".join([*found.lines(), MEMORY_FIXES]))

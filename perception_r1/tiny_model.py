@@ -64,7 +64,7 @@ CHAT_TEMPLATE = (
 def build_tiny_model(cfg: TinyModelConfig) -> Path:
     """The folder of the tiny model for `cfg`, building it first if no finished build exists."""
     digest = config_hash(cfg)
-    target = Path(cfg.cache_dir) / f"tiny-qwen2_5_vl-{digest[:16]}"
+    target = tiny_model_folder(cfg)
     if (target / MARKER).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +80,11 @@ def build_tiny_model(cfg: TinyModelConfig) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def tiny_model_folder(cfg: TinyModelConfig) -> Path:
+    """Where `build_tiny_model(cfg)` puts (or finds) the folder; built or not."""
+    return Path(cfg.cache_dir) / f"tiny-qwen2_5_vl-{config_hash(cfg)[:16]}"
 
 
 def _make_readable(folder: Path) -> None:

@@ -13,12 +13,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue from the newest complete checkpoint of this run (and its mlflow run)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set run.num_steps=5 (repeatable)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the placement plan and the learner's memory estimate, start nothing; exit 0 "
+                             "when the run fits, 2 with its problems listed when not")
 
 
 def run(args: argparse.Namespace) -> int:
     from core.config_files import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from perception_r1.dry_run import dry_run
+
+        return dry_run(cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from perception_r1.run_lock import RunLock
 

@@ -79,3 +79,43 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
     cfg = parse_config({"model": {"type": "pretrained", "path": str(tmp_path / "nowhere")}})
     with pytest.raises(ValueError, match=r"is not a model folder .* \(nothing is downloaded"):
         resolve_model(cfg)
+
+
+# ----------------------------------------------------------------------- async needs a corrected loss
+def test_the_default_loss_follows_the_schedule():
+    assert Config().buffer.max_staleness == 1 and Config().learner.loss.type == "tis"  # async by default: corrected
+    assert parse_config({"buffer": {"max_staleness": 0}}).learner.loss.type == "grpo"
+    assert parse_config({"learner": {"loss": {"clip_low": 0.1}}}).learner.loss.type == "tis"
+    assert parse_config({"learner": {"loss": {"type": "decoupled"}}}).learner.loss.type == "decoupled"
+    repo = Path(__file__).resolve().parents[1] / "configs"
+    assert load_config(repo / "demo-cpu.yaml").learner.loss.type == "tis"
+    assert load_config(repo / "qwen2_5_vl_7b_geo3k.yaml").learner.loss.type == "grpo"  # synchronous, as the reference
+    for bad in ({"learner": None}, {"learner": {"loss": None}}, {"learner": {"loss": 5}}):  # the schema's errors
+        with pytest.raises(ValueError, match="Input should be a valid dictionary"):
+            parse_config(bad)
+
+
+def test_async_with_the_uncorrected_loss_is_refused_unless_allowed():
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "qwen2_5_vl_7b_geo3k.yaml"
+    with pytest.raises(ValueError, match=r"buffer.max_staleness=2 with learner.loss.type=grpo.*set learner.loss.type: tis"):
+        load_config(recipe, ["buffer.max_staleness=2"])
+    assert load_config(recipe, ["buffer.max_staleness=2", "learner.loss.type=tis"]).learner.loss.type == "tis"
+    allowed = load_config(recipe, ["buffer.max_staleness=2", "learner.loss.allow_uncorrected_staleness=true"])
+    assert allowed.learner.loss.type == "grpo"
+
+
+def test_a_resolved_config_round_trips():
+    """The driver hands workers `model_dump`; the filled-in loss type must validate again unchanged."""
+    cfg = parse_config({"buffer": {"max_staleness": 2}})
+    assert parse_config(cfg.model_dump(mode="json")) == cfg
+
+
+def test_vllm_gpus_must_equal_tensor_parallel_size():
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 needs rollout.num_gpus_per_actor = 2 \(got 1\)"):
+        parse_config({"rollout": {"engine": {"type": "vllm", "tensor_parallel_size": 2}, "num_gpus_per_actor": 1},
+                      "learner": {"num_gpus_per_worker": 1}})
+    ok = parse_config({"rollout": {"engine": {"type": "vllm", "tensor_parallel_size": 2}, "num_gpus_per_actor": 2}})
+    assert ok.rollout.num_gpus_per_actor == 2
+    with pytest.raises(ValueError, match=r"judge.llm.tensor_parallel_size=2 needs judge.llm.num_gpus_per_replica = 2"):
+        parse_config({"judge": {"llm": {"type": "vllm", "model_path": "/j", "tensor_parallel_size": 2,
+                                        "num_gpus_per_replica": 1}}})
