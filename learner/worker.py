@@ -79,6 +79,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.run.seed + rank)
     learner = Learner(wiring.model_path, cfg=cfg.learner, data=cfg.data, temperature=cfg.rollout.temperature,
                       device=device, random_weights=getattr(cfg.model, "random_weights", False))
+    load_metrics = _load_metrics(learner, rank=rank)
     version = _restore(learner, restore_point(Path(wiring.checkpoint_root), wiring.resume_from))
     sync = WeightBroadcaster(
         receivers=wiring.actors, rank=rank, backend=_backend(cfg, device), timeout_s=cfg.sync.timeout_s,
@@ -92,7 +93,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
         reports.put(LearnerStarted(version=version))
         print(f"learner: version {version}, weight group formed in {connect_s:.1f}s, first sync {sync_s:.2f}s",
               flush=True)
-    _loop(cfg, wiring, learner, sync, source, reports, rank=rank, version=version)
+    _loop(cfg, wiring, learner, sync, source, reports, rank=rank, version=version, first_metrics=load_metrics)
+
+
+def _load_metrics(learner: Learner, *, rank: int) -> dict[str, float]:
+    """This rank's load in a log line; the largest seconds, peak host memory and bytes read over the ranks
+    as metrics (rank 0 reports them with the first step)."""
+    if not learner.load_stats:  # random weights
+        return {}
+    seconds = sum(s.seconds for s in learner.load_stats)
+    peak_gib = max(s.peak_host_bytes for s in learner.load_stats) / 2**30
+    read_gib = sum(s.read_bytes for s in learner.load_stats) / 2**30
+    print(f"learner rank {rank}: weights loaded in {seconds:.1f}s, {read_gib:.2f} GiB read from the model files, "
+          f"peak host memory {peak_gib:.2f} GiB", flush=True)
+    values = torch.tensor([seconds, peak_gib, read_gib], dtype=torch.float64, device=learner.device)
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    seconds, peak_gib, read_gib = values.tolist()
+    return {"learner/load_s": seconds, "learner/load_peak_host_gib": peak_gib, "learner/load_read_gib": read_gib}
 
 
 class Reports:
@@ -152,7 +170,7 @@ class RayBatchSource:
 
 
 def _loop(cfg: Config, wiring: LearnerWiring, learner: Learner, sync: WeightBroadcaster, source: BatchSource,
-          reports: Reports, *, rank: int, version: int) -> None:
+          reports: Reports, *, rank: int, version: int, first_metrics: dict[str, float]) -> None:
     synced = version
     while version < cfg.run.num_steps:
         wait_start = time.perf_counter()
@@ -171,6 +189,8 @@ def _loop(cfg: Config, wiring: LearnerWiring, learner: Learner, sync: WeightBroa
         if rank == 0:
             source.publish_version(version, synced)
             metrics.update(reward_metrics(batch.groups, staleness=batch.staleness))
+            metrics.update(first_metrics)
+            first_metrics = {}
             metrics.update({"learner/wait_seconds": wait_s, "sync/seconds": sync_s,
                             "sync/gbytes_per_s": sync_bytes / max(sync_s, 1e-9) / 1e9 if sync_bytes else 0.0})
             reports.put(LearnerStep(step=step, version=version, metrics=metrics,
