@@ -149,3 +149,18 @@ def test_a_stalled_write_fails_after_the_timeout_naming_the_field(tmp_path):
             writer.finished(wait=True)
     finally:
         gate.set()  # let the writer thread end
+
+
+def test_the_final_checkpoint_is_written_unless_this_version_has_one():
+    from learner.worker import _final_checkpoint_needed
+
+    cfg = Config.model_validate({"run": {"num_steps": 10}, "checkpoint": {"every_steps": 5}})
+    need = lambda **kw: _final_checkpoint_needed(cfg, **({"last": None, "lost": False, "announced": False} | kw))  # noqa: E731
+    assert not need(version=10, last=10)  # the last periodic snapshot is this version (waited for before)
+    assert need(version=7, last=5)  # stopped between checkpoints
+    assert not need(version=10)  # resumed at the end from step 10's complete checkpoint: nothing new
+    assert need(version=10, lost=True)  # the undelivered reports need a .tmp of their own
+    assert need(version=10, last=10, lost=True, announced=True)  # the driver may be renaming step 10's folder
+    assert not need(version=10, last=10, lost=True, announced=False)  # its .tmp stays: the reports go beside it
+    every0 = Config.model_validate({"run": {"num_steps": 10}, "checkpoint": {"every_steps": 0}})
+    assert _final_checkpoint_needed(every0, version=10, last=None, lost=False, announced=False)
