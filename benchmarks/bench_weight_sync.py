@@ -33,7 +33,7 @@ class SyncLearner:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
         dist.init_process_group("nccl", rank=0, world_size=1)  # FSDP2 over one rank, as a 1-GPU learner runs
         cfg = LearnerConfig(num_gpus_per_worker=1, dtype="bfloat16")
-        self.model = load_policy(model_path, cfg=cfg, device=torch.device("cuda"), random_weights=True)
+        self.model, _ = load_policy(model_path, cfg=cfg, device=torch.device("cuda"), random_weights=True)
         self.sender = WeightBroadcaster(receivers=receivers, rank=0, backend="nccl", timeout_s=300,
                                         bucket_bytes=bucket_mb << 20, dtype=torch.bfloat16,
                                         device=torch.device("cuda"), transport="vllm")

@@ -387,6 +387,13 @@ class CheckpointConfig(Section):
     """Checkpoint every k learner steps (and at shutdown); 0: only at shutdown."""
     keep: int = Field(3, ge=1)
     """Keep the newest k complete checkpoints."""
+    background: bool = True
+    """Write checkpoints in a background thread: the step loop is blocked only while a CPU copy of the
+    state is taken (host memory: one copy of each rank's model and optimizer shards while a write runs).
+    False: the step waits for the write."""
+    write_timeout_s: float = Field(3600.0, gt=0)
+    """How long a wait for a checkpoint write may last (the next checkpoint's wait for the one in flight,
+    the final one at shutdown) before the learner fails naming the folder."""
 
 
 class Config(Section):

@@ -8,7 +8,7 @@ leave Ray). Every record that carries model output carries the `policy_version` 
 produced it.
 
     Prompt ──(actors/)──> RolloutGroup ──(judge/)──> ScoredGroup ──(replay/)──> TrainBatch ──> learner/
-    learner/ ──LearnerStarted | LearnerStep | LearnerFinished──> driver (perception_r1/)
+    learner/ ──LearnerStarted | LearnerStep | CheckpointWritten | LearnerFinished──> driver (perception_r1/)
 """
 
 from __future__ import annotations
@@ -296,7 +296,22 @@ class LearnerStep:
     seqs: tuple[int, ...] = ()
     """Stream positions (`RolloutGroup.seq`) of the groups trained in this step, in batch order."""
     checkpoint_path: str = ""
-    """Set when the learner wrote a checkpoint at this step."""
+    """Set when the learner took a checkpoint snapshot at this step: the `step_<N>.tmp` folder it is being
+    written into; a `CheckpointWritten` report follows once it is whole (the driver completes it then)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointWritten:
+    """A checkpoint snapshot is whole on disk (every rank's shards and learner.json). It follows the
+    `LearnerStep` that took it; the driver completes the folder with its own state as of that step."""
+
+    version: int
+    path: str
+    """The `step_<N>.tmp` folder, as that step's `LearnerStep.checkpoint_path` named it."""
+    seconds: float
+    """From the snapshot to the write's end (the step loop went on meanwhile)."""
+    nbytes: int
+    """The folder's size on disk."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,10 +320,10 @@ class LearnerFinished:
 
     version: int
     checkpoint_path: str = ""
-    """The checkpoint it wrote at shutdown (empty when the last step's checkpoint already covers it)."""
+    """The checkpoint it wrote at shutdown, whole on disk (empty when the last step's checkpoint already covers it)."""
 
 
-LearnerReport = LearnerStarted | LearnerStep | LearnerFinished
+LearnerReport = LearnerStarted | LearnerStep | CheckpointWritten | LearnerFinished
 """What travels on the report queue from learner rank 0 to the driver, in order."""
 
 

@@ -1,6 +1,7 @@
 """The policy as the learner holds it: loading (fp32 master weights in training mode, optional frozen
 vision tower, activation checkpointing on every k-th block, the varlen patches of learner/varlen.py,
-FSDP2 `fully_shard` per block with mixed precision, optionally compiled blocks) and the padded
+FSDP2 `fully_shard` per block with mixed precision on the meta device, then each rank reading only its
+shards from the folder (learner/sharded_load.py), optionally compiled blocks) and the padded
 forward pass that turns rollouts into per-token log-probabilities, in micro-batches bounded by a
 token budget. On CPU a group's rollouts share one pass over their prompt and image (its KV cache),
 which halves the demo's learner step (prompts are ~60% of its tokens). GPUs take the padding-free
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from core.config import LearnerConfig
+from learner.sharded_load import LoadStats, build_on_meta, file_names, load_weights
 from learner.varlen import patch_policy
 
 
@@ -171,19 +173,15 @@ def _whole_sequence_logits(model: torch.nn.Module, batch: PackedBatch) -> Tensor
 
 
 def load_policy(model_path: str, *, cfg: LearnerConfig, device: torch.device,
-                random_weights: bool = False) -> torch.nn.Module:
-    """The trainable policy: fp32 master weights, sharded with FSDP2 when torch.distributed is up."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
+                random_weights: bool = False) -> tuple[torch.nn.Module, LoadStats | None]:
+    """The trainable policy: fp32 master weights, sharded with FSDP2 when torch.distributed is up, and what
+    loading it cost this rank (None for random weights). Built on the meta device and sharded first, so
+    each rank reads only its own shards from the folder (learner/sharded_load.py)."""
     if random_weights:  # built on the device directly: a 7B init on CPU takes minutes
-        config = AutoConfig.from_pretrained(model_path)
-        config._attn_implementation = cfg.attn_implementation
-        with torch.device(device):
-            model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+        model = _random_model(model_path, cfg=cfg, device=device)
     else:
-        model = AutoModelForImageTextToText.from_pretrained(
-            model_path, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
-    model.to(device)
+        model = build_on_meta(model_path, attn_implementation=cfg.attn_implementation)
+        names = file_names(model, model_path)
     # training mode: transformers checkpoints a block only when `self.training` (from_pretrained returns
     # eval mode, so `gradient_checkpointing` did nothing before). Qwen2.5-VL has no dropout to turn on.
     model.train()
@@ -197,10 +195,20 @@ def load_policy(model_path: str, *, cfg: LearnerConfig, device: torch.device,
     patch_policy(model, device=device)
     if torch.distributed.is_initialized():
         _shard(model, compute_dtype=getattr(torch, cfg.dtype))
+    stats = None if random_weights else load_weights(model, model_path, names=names, device=device)
     if cfg.compile_blocks:  # after sharding, as measured (dynamo runs FSDP2's hooks eagerly)
         for block in _blocks(model):
             block.compile(dynamic=True)
-    return model
+    return model, stats
+
+
+def _random_model(model_path: str, *, cfg: LearnerConfig, device: torch.device) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(model_path)
+    config._attn_implementation = cfg.attn_implementation
+    with torch.device(device):
+        return AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

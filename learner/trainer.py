@@ -34,9 +34,14 @@ class Learner:
     def __init__(self, model_path: str, *, cfg: LearnerConfig, data: DataConfig, temperature: float,
                  device: torch.device, random_weights: bool = False) -> None:
         self.cfg, self.data, self.temperature, self.device = cfg, data, temperature, device
-        self.model = load_policy(model_path, cfg=cfg, device=device, random_weights=random_weights)
-        self.ref_model = (_frozen(load_policy(model_path, cfg=cfg, device=device, random_weights=random_weights))
-                          if cfg.loss.kl_coef > 0 else None)
+        self.model, stats = load_policy(model_path, cfg=cfg, device=device, random_weights=random_weights)
+        self.load_stats = [stats] if stats else []
+        """What loading cost this rank: the policy's load, then the KL reference model's (none for random weights)."""
+        self.ref_model = None
+        if cfg.loss.kl_coef > 0:
+            ref, ref_stats = load_policy(model_path, cfg=cfg, device=device, random_weights=random_weights)
+            self.ref_model = _frozen(ref)
+            self.load_stats += [ref_stats] if ref_stats else []
         self.processor = vl.load_processor(model_path)
         tokenizer = self.processor.tokenizer
         self.pad_id = tokenizer.pad_token_id

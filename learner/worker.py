@@ -5,8 +5,11 @@
            every rank: one GRPO update on its share                 policy_version += 1
            every `sync.interval_steps`: gather + broadcast weights   actors stage them
            rank 0: publish the version to the buffer (unblocks producers), report the step record
-           every `checkpoint.every_steps`: sharded checkpoint into step_<N>.tmp (the driver completes it)
-    until num_steps, or until the buffer closes (the driver is stopping: checkpoint, then return).
+           every `checkpoint.every_steps`: wait for the write in flight (at most one), snapshot the state
+             into step_<N>.tmp, written in the background (learner/checkpoint_writer.py); once written,
+             rank 0 reports CheckpointWritten and the driver completes the folder
+    until num_steps, or until the buffer closes (the driver is stopping: wait for the write in flight,
+    write the final checkpoint and wait for it, then report LearnerFinished).
 
 The learner outlives the driver's helpers: when the buffer actor dies, take() reads as closed (the
 learner checkpoints and returns; the buffered groups were not trained and regenerate on resume);
@@ -17,10 +20,9 @@ that cannot be written says why in the OS's words (no space left, permission den
 
 from __future__ import annotations
 
-import errno
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,8 @@ import torch.distributed as dist
 
 from core import codec
 from core.config import Config
-from core.os_errors import os_error_text, probe_write
 from core.records import (
+    CheckpointWritten,
     LearnerFinished,
     LearnerStarted,
     LearnerStep,
@@ -41,12 +43,8 @@ from core.records import (
 )
 from core.seams import BatchSource, ReportSink
 from learner.batch_metrics import reward_metrics
-from learner.sharded_state import (
-    UNREPORTED_FILE,
-    load_learner,
-    newest_complete,
-    save_learner,
-)
+from learner.checkpoint_writer import CheckpointWriter, Written
+from learner.sharded_state import UNREPORTED_FILE, load_learner, newest_complete
 from learner.sync import WeightBroadcaster
 from learner.trainer import Learner
 
@@ -79,6 +77,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.run.seed + rank)
     learner = Learner(wiring.model_path, cfg=cfg.learner, data=cfg.data, temperature=cfg.rollout.temperature,
                       device=device, random_weights=getattr(cfg.model, "random_weights", False))
+    load_metrics = _load_metrics(learner, rank=rank)
     version = _restore(learner, restore_point(Path(wiring.checkpoint_root), wiring.resume_from))
     sync = WeightBroadcaster(
         receivers=wiring.actors, rank=rank, backend=_backend(cfg, device), timeout_s=cfg.sync.timeout_s,
@@ -92,7 +91,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
         reports.put(LearnerStarted(version=version))
         print(f"learner: version {version}, weight group formed in {connect_s:.1f}s, first sync {sync_s:.2f}s",
               flush=True)
-    _loop(cfg, wiring, learner, sync, source, reports, rank=rank, version=version)
+    _loop(cfg, wiring, learner, sync, source, reports, rank=rank, version=version, first_metrics=load_metrics)
+
+
+def _load_metrics(learner: Learner, *, rank: int) -> dict[str, float]:
+    """This rank's load in a log line; the largest seconds, peak host memory and bytes read over the ranks
+    as metrics (rank 0 reports them with the first step)."""
+    if not learner.load_stats:  # random weights
+        return {}
+    seconds = sum(s.seconds for s in learner.load_stats)
+    peak_gib = max(s.peak_host_bytes for s in learner.load_stats) / 2**30
+    read_gib = sum(s.read_bytes for s in learner.load_stats) / 2**30
+    print(f"learner rank {rank}: weights loaded in {seconds:.1f}s, {read_gib:.2f} GiB read from the model files, "
+          f"peak host memory {peak_gib:.2f} GiB", flush=True)
+    values = torch.tensor([seconds, peak_gib, read_gib], dtype=torch.float64, device=learner.device)
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    seconds, peak_gib, read_gib = values.tolist()
+    return {"learner/load_s": seconds, "learner/load_peak_host_gib": peak_gib, "learner/load_read_gib": read_gib}
 
 
 class Reports:
@@ -102,16 +118,18 @@ class Reports:
         self.queue, self.undelivered = queue, []
         self.lost = False
 
-    def put(self, report) -> None:
+    def put(self, report) -> bool:
+        """True once the report is on the queue."""
         if not self.lost:
             try:
                 self.queue.put(report, timeout=60)
-                return
+                return True
             except _LOST as e:
                 print(f"learner: the report queue is gone ({type(e).__name__}); stopping to checkpoint", flush=True)
                 self.lost = True
         if isinstance(report, LearnerStep):
             self.undelivered.append(report)
+        return False
 
 
 class RayBatchSource:
@@ -152,8 +170,9 @@ class RayBatchSource:
 
 
 def _loop(cfg: Config, wiring: LearnerWiring, learner: Learner, sync: WeightBroadcaster, source: BatchSource,
-          reports: Reports, *, rank: int, version: int) -> None:
+          reports: Reports, *, rank: int, version: int, first_metrics: dict[str, float]) -> None:
     synced = version
+    checkpoints = CheckpointWriter(timeout_s=cfg.checkpoint.write_timeout_s)
     while version < cfg.run.num_steps:
         wait_start = time.perf_counter()
         shared = _take(source, cfg.learner.prompts_per_step, step=version, rank=rank, stop=reports.lost)
@@ -167,23 +186,111 @@ def _loop(cfg: Config, wiring: LearnerWiring, learner: Learner, sync: WeightBroa
         if version % cfg.sync.interval_steps == 0 or version == cfg.run.num_steps:
             sync_s, sync_bytes = sync.broadcast(learner.model, version=version, after=learner.optimizer_done)
             synced = version
-        ckpt = _maybe_checkpoint(cfg, wiring, learner, version=version)
+        ckpt = _periodic_checkpoint(cfg, wiring, learner, checkpoints, version=version)
         if rank == 0:
             source.publish_version(version, synced)
             metrics.update(reward_metrics(batch.groups, staleness=batch.staleness))
+            metrics.update(first_metrics)
+            first_metrics = {}
             metrics.update({"learner/wait_seconds": wait_s, "sync/seconds": sync_s,
                             "sync/gbytes_per_s": sync_bytes / max(sync_s, 1e-9) / 1e9 if sync_bytes else 0.0})
+            metrics.update(ckpt.metrics)
+            _report_written(reports, ckpt.earlier)
             reports.put(LearnerStep(step=step, version=version, metrics=metrics,
-                                    seqs=tuple(g.group.seq for g in batch.groups), checkpoint_path=ckpt))
-    ckpt = ""
-    written = (Path(wiring.checkpoint_root) / f"step_{version:06d}.tmp").is_dir()
-    if version < cfg.run.num_steps or cfg.checkpoint.every_steps == 0 or version % cfg.checkpoint.every_steps or (
-            reports.lost and not written):
-        ckpt = _checkpoint(wiring, learner, version=version)  # at shutdown
+                                    seqs=tuple(g.group.seq for g in batch.groups), checkpoint_path=ckpt.started))
+            _report_written(reports, ckpt.now)
+    _shutdown(cfg, wiring, learner, checkpoints, reports, rank=rank, version=version)
+
+
+@dataclass
+class CheckpointStep:
+    """What a step boundary did about checkpoints."""
+
+    earlier: Written | None = None
+    """A background write that ended since the last step (reported before this step's LearnerStep)."""
+    started: str = ""
+    """The `.tmp` folder of this step's snapshot, if one was taken."""
+    now: Written | None = None
+    """This step's own write, when `checkpoint.background` is off (reported after this step's LearnerStep)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _periodic_checkpoint(cfg: Config, wiring: LearnerWiring, learner: Learner, checkpoints: CheckpointWriter, *,
+                         version: int) -> CheckpointStep:
+    """Collect a background write that ended; every `checkpoint.every_steps`, wait for the one in flight
+    (at most one: the wait is logged) and snapshot this step's state into step_<N>.tmp."""
+    every = cfg.checkpoint.every_steps
+    due = every > 0 and version % every == 0
+    wait_start = time.perf_counter()
+    out = CheckpointStep(earlier=checkpoints.finished(wait=due))
+    waited = time.perf_counter() - wait_start if due else 0.0
+    if out.earlier is not None:
+        out.metrics.update(_written_metrics(out.earlier))
+    if not due:
+        return out
+    if waited > 0.1:
+        print(f"learner: checkpoint {version} waited {waited:.1f}s for the previous write to end", flush=True)
+    path = Path(wiring.checkpoint_root) / f"step_{version:06d}.tmp"
+    blocked = waited + checkpoints.start(path, model=learner.model, optimizer=learner.optimizer,
+                                         scheduler=learner.scheduler, version=version)
+    out.started = str(path)
+    if not cfg.checkpoint.background:
+        out.now = checkpoints.finished(wait=True)
+        blocked = time.perf_counter() - wait_start
+        out.metrics.update(_written_metrics(out.now))
+    out.metrics.update({"checkpoint/blocked_seconds": blocked, "checkpoint/wait_seconds": waited})
+    return out
+
+
+def _written_metrics(written: Written) -> dict[str, float]:
+    return {"checkpoint/seconds": written.seconds, "checkpoint/gib": written.nbytes / 2**30}
+
+
+def _report_written(reports: Reports, written: Written | None) -> bool:
+    """Rank 0: tell the driver a checkpoint is whole on disk; True if the report reached the queue."""
+    if written is None:
+        return False
+    print(f"learner: checkpoint {written.path.name} written: {written.nbytes / 2**30:.2f} GiB in "
+          f"{written.seconds:.1f}s", flush=True)
+    return reports.put(CheckpointWritten(version=written.version, path=str(written.path),
+                                         seconds=written.seconds, nbytes=written.nbytes))
+
+
+def _shutdown(cfg: Config, wiring: LearnerWiring, learner: Learner, checkpoints: CheckpointWriter,
+              reports: Reports, *, rank: int, version: int) -> None:
+    """Wait for the write in flight, write the final checkpoint if this version has none (waited for), and
+    only then report final; with the report queue gone, save the undelivered step reports beside it."""
+    announced = _report_written(reports, checkpoints.finished(wait=True)) if rank == 0 else False
+    needed = _final_checkpoint_needed(cfg, version=version, last=checkpoints.last_version, lost=reports.lost,
+                                      announced=announced)
+    if dist.is_initialized():  # rank 0 alone knows about the report queue: every rank follows its decision
+        decision = [needed]
+        dist.broadcast_object_list(decision, src=0)
+        needed = decision[0]
+    path = Path(wiring.checkpoint_root) / f"step_{version:06d}.tmp"
+    if needed:
+        checkpoints.start(path, model=learner.model, optimizer=learner.optimizer, scheduler=learner.scheduler,
+                          version=version)
+        written = checkpoints.finished(wait=True)
+        if rank == 0:
+            print(f"learner: final checkpoint {path.name} written: {written.nbytes / 2**30:.2f} GiB in "
+                  f"{written.seconds:.1f}s", flush=True)
     if rank == 0:
-        reports.put(LearnerFinished(version=version, checkpoint_path=ckpt))
+        reports.put(LearnerFinished(version=version, checkpoint_path=str(path) if needed else ""))
         if reports.lost:
-            _save_undelivered(Path(wiring.checkpoint_root) / f"step_{version:06d}.tmp", reports.undelivered)
+            _save_undelivered(path, reports.undelivered)
+
+
+def _final_checkpoint_needed(cfg: Config, *, version: int, last: int | None, lost: bool, announced: bool) -> bool:
+    """Whether to write a checkpoint at shutdown. Not when this learner's last snapshot is of this version,
+    unless the report queue is gone after that snapshot was announced (the driver may be completing that
+    folder: the undelivered reports need one of their own). Not when the run ended at a periodic checkpoint's
+    version it was restored from (that checkpoint is complete already)."""
+    if last == version:
+        return lost and announced
+    every = cfg.checkpoint.every_steps
+    restored_complete = version == cfg.run.num_steps and every > 0 and version % every == 0
+    return lost or not restored_complete
 
 
 def _save_undelivered(path: Path, undelivered: list[LearnerStep]) -> None:
@@ -210,45 +317,6 @@ def _take(source: BatchSource, k: int, *, step: int, rank: int,
     received: list = [None]
     dist.scatter_object_list(received, shares if rank == 0 else None, src=0)
     return received[0]
-
-
-def _maybe_checkpoint(cfg: Config, wiring: LearnerWiring, learner: Learner, *, version: int) -> str:
-    every = cfg.checkpoint.every_steps
-    if every and version % every == 0:
-        return _checkpoint(wiring, learner, version=version)
-    return ""
-
-
-def _checkpoint(wiring: LearnerWiring, learner: Learner, *, version: int) -> str:
-    path = Path(wiring.checkpoint_root) / f"step_{version:06d}.tmp"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        save_learner(path, model=learner.model, optimizer=learner.optimizer, scheduler=learner.scheduler,
-                     version=version)
-    except Exception as e:
-        raise checkpoint_error(path, e) from e
-    if dist.is_initialized():
-        dist.barrier()
-    return str(path)
-
-
-def checkpoint_error(path: Path, error: BaseException) -> OSError:
-    """Why a checkpoint could not be written, in the OS's words: torch's writers often hide the cause
-    (a full disk reads as 'unexpected pos 704 vs 598'), so a failed write is followed by a probe write."""
-    cause = next((e for e in _chain(error) if isinstance(e, OSError) and e.errno), None) or probe_write(
-        path if path.is_dir() else path.parent, name=".write-probe", size=1 << 20)
-    if cause is None:
-        return OSError(errno.EIO, f"writing checkpoint {path} failed ({type(error).__name__}: {error})")
-    return OSError(cause.errno, f"cannot write checkpoint {path}: {os_error_text(cause)}; "
-                                "free space there (or lower checkpoint.keep), or move run.output_dir")
-
-
-def _chain(error: BaseException | None):
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:  # a context chain can loop
-        seen.add(id(error))
-        yield error
-        error = error.__cause__ or error.__context__
 
 
 def restore_point(root: Path, resume_from: str | None) -> Path | None:

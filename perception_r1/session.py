@@ -34,6 +34,7 @@ from pathlib import Path
 
 from core.config import Config
 from core.records import (
+    CheckpointWritten,
     JudgeStats,
     LearnerFinished,
     LearnerReport,
@@ -60,6 +61,8 @@ class Session:
         self.ledger = ledger
         """`trained.jsonl`: one line per learner step, the stream positions and prompt ids it trained (audit, resume checks)."""
         self.checkpoint_root = checkpoint_root
+        self.pending_checkpoints: dict[str, run_checkpoints.DriverState] = {}
+        """Snapshots the learner is writing in the background: this driver's state as of each one's step."""
         self.session_id = f"{os.getpid()}-{int(time.time())}"
         settings = DispatchSettings(prompts_per_call=cfg.rollout.prompts_per_call,
                                     max_inflight_per_actor=cfg.rollout.max_inflight_per_actor,
@@ -207,13 +210,27 @@ class Session:
         if isinstance(report, LearnerStarted):
             await self._on_learner_start(report.version)
             return
+        if isinstance(report, CheckpointWritten):
+            await self._on_checkpoint_written(report)
+            return
         self.stream.resolve(await self._peer(self.buffer.pop_evicted_seqs(), []))
         if isinstance(report, LearnerStep):
             await self._on_step(report)
+            if report.checkpoint_path:  # being written: complete it with this state once CheckpointWritten comes
+                self.pending_checkpoints[report.checkpoint_path] = await self._driver_state(report.version)
         else:
             assert isinstance(report, LearnerFinished), type(report)
-        if report.checkpoint_path:
-            await self._complete_checkpoint(Path(report.checkpoint_path), version=report.version)
+            if report.checkpoint_path:  # written before the report
+                await self._complete_checkpoint(Path(report.checkpoint_path), version=report.version)
+
+    async def _on_checkpoint_written(self, report: CheckpointWritten) -> None:
+        state = self.pending_checkpoints.pop(report.path, None)
+        if state is None:
+            log.error("the learner wrote checkpoint %s, which no step report of this learner announced; not "
+                      "completing it", report.path)
+            return
+        await self._complete(Path(report.path), state,
+                             note=f"; written in the background, {report.nbytes / 2**30:.2f} GiB in {report.seconds:.1f}s")
 
     async def _on_step(self, report: LearnerStep) -> None:
         self._append_ledger(report)
@@ -243,6 +260,7 @@ class Session:
             return
         lost = [seq for seq in await self._peer(self.buffer.pop_lost_seqs(), []) if seq in self.stream.outstanding]
         self.stream.requeue(lost)
+        self.pending_checkpoints.clear()  # a dead learner's snapshots are never reported written
         self.counters()["learner_restarts"] += 1
         self.counters()["lost_with_learner"] += len(lost)
         log.warning("the learner restarted from its newest checkpoint at version %d (was at %d); %d groups it had "
@@ -299,11 +317,18 @@ class Session:
         await self._complete_checkpoint(tmp, version=self.version)
 
     async def _complete_checkpoint(self, tmp: Path, *, version: int) -> None:
+        await self._complete(tmp, await self._driver_state(version))
+
+    async def _driver_state(self, version: int) -> run_checkpoints.DriverState:
+        """What a checkpoint of `version` stores of the driver: the stream's position, the buffered groups."""
         buffered = await self._peer(self.buffer.buffered(), [])
-        state = run_checkpoints.DriverState(version=version, stream=self.stream.state(), buffered=buffered)
+        return run_checkpoints.DriverState(version=version, stream=self.stream.state(), buffered=buffered)
+
+    async def _complete(self, tmp: Path, state: run_checkpoints.DriverState, *, note: str = "") -> None:
         final = run_checkpoints.complete(tmp, state, keep=self.cfg.checkpoint.keep)
-        self.sinks.log_checkpoint(str(final), version=version)
-        log.info("checkpoint %s complete (version %d, %d buffered groups)", final, version, len(buffered))
+        self.sinks.log_checkpoint(str(final), version=state.version)
+        log.info("checkpoint %s complete (version %d, %d buffered groups%s)", final, state.version,
+                 len(state.buffered), note)
 
 
 def _progress(cfg: Config, start: int):

@@ -75,7 +75,7 @@ def test_an_unwritable_output_folder_is_named_with_the_os_reason(tmp_path):
 @pytest.mark.reliability(fault="the disk fills up while a checkpoint is written",
                          outcome="the error says no space left (ENOSPC) and where, not torch's 'unexpected pos'")
 def test_a_full_disk_at_checkpoint_time_is_named(tmp_path):
-    from learner.worker import checkpoint_error
+    from learner.checkpoint_writer import checkpoint_error
 
     path = tmp_path / "step_000004.tmp"
     path.mkdir()

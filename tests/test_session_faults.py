@@ -12,7 +12,7 @@ import pytest
 from driver_fakes import K, FakeGenerator, FakeScorer, LocalBuffer, _group, run_session
 
 from core import codec
-from core.records import JudgeStats, LearnerStarted, LearnerStep, Prompt
+from core.records import CheckpointWritten, JudgeStats, LearnerFinished, LearnerStarted, LearnerStep, Prompt
 from core.seams import PeerLost
 from learner.sharded_state import LEARNER_META, UNREPORTED_FILE
 from perception_r1.run_checkpoints import read_driver_state
@@ -266,3 +266,65 @@ def test_learner_finished_report_still_ends_a_normal_run(tmp_path):
     """Control: with no fault, the new machinery changes nothing (the run ends at its step budget)."""
     session, ledger, _, _ = run_session(tmp_path, generators=lambda v: [FakeGenerator(0, v)], run=FAST)
     assert not session.fatal and len(ledger) == 6 and session.version == 6
+
+
+def background_checkpoint_learner(tmp_path, *, every: int, num_steps: int):
+    """A learner whose checkpoints are written in the background, as learner/worker.py does: the step that
+    snapshots names the .tmp folder; CheckpointWritten follows a step later (the last one before LearnerFinished)."""
+
+    async def learn(buffer, reports, versions):
+        await buffer.learner_started(0)
+        reports.put(LearnerStarted(version=0))
+        version, in_flight = 0, None
+        while version < num_steps:
+            taken = await buffer.take(K)
+            version += 1
+            versions.synced = version
+            await buffer.publish_version(version, version)
+            if in_flight is not None:  # written while this step trained
+                reports.put(in_flight)
+                in_flight = None
+            tmp = ""
+            if version % every == 0:
+                tmp = tmp_path / "checkpoints" / f"step_{version:06d}.tmp"
+                (tmp / "learner").mkdir(parents=True)
+                (tmp / "learner" / ".metadata").write_bytes(b"x")
+                (tmp / LEARNER_META).write_text('{"version": %d}' % version)
+                in_flight = CheckpointWritten(version=version, path=str(tmp), seconds=0.1, nbytes=2)
+            reports.put(LearnerStep(step=version - 1, version=version, metrics={"learner/loss": 0.0},
+                                    seqs=tuple(refs[0].group.seq for refs, _, _ in taken), checkpoint_path=str(tmp)))
+        if in_flight is not None:  # shutdown waits for the write in flight
+            reports.put(in_flight)
+        reports.put(LearnerFinished(version=version))
+
+    return learn
+
+
+def test_background_checkpoints_are_completed_with_the_state_of_their_step(tmp_path, caplog):
+    """The driver completes a checkpoint when it is written (steps later), storing its state as of the step
+    that took the snapshot: a resume from it neither skips nor retrains a prompt; checkpoint.keep holds."""
+    caplog.set_level(logging.INFO, logger="perception_r1")
+    session, ledger, _, _ = run_session(tmp_path, generators=lambda v: [FakeGenerator(0, v)], num_steps=6,
+                                        learner=background_checkpoint_learner(tmp_path, every=2, num_steps=6),
+                                        run={"num_steps": 6}, timeout_s=15)
+    assert not session.fatal and len(ledger) == 6 and not session.pending_checkpoints
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_000002", "step_000004", "step_000006"]
+    for path in root.iterdir():
+        state = read_driver_state(path)
+        version = int(path.name.removeprefix("step_"))
+        assert state.version == version
+        trained = {s for line in ledger if line["version"] <= version for s in line["seqs"]}
+        later = {s for line in ledger if line["version"] > version for s in line["seqs"]}
+        assert not trained & set(state.stream.pending) and all(s < state.stream.next_seq for s in trained)
+        assert all(s in state.stream.pending or s >= state.stream.next_seq for s in later)  # none skipped
+    assert "written in the background, 0.00 GiB in 0.1s" in caplog.text
+
+
+def test_background_checkpoints_honour_keep(tmp_path):
+    session, ledger, _, _ = run_session(tmp_path, generators=lambda v: [FakeGenerator(0, v)], num_steps=8,
+                                        learner=background_checkpoint_learner(tmp_path, every=1, num_steps=8),
+                                        run={"num_steps": 8}, timeout_s=15)
+    assert not session.fatal and len(ledger) == 8
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step_000006", "step_000007", "step_000008"]  # checkpoint.keep = 3
