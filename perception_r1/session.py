@@ -340,11 +340,13 @@ class Session:
             self._show_progress(self.history[-1][1] if self.history else {})
 
     async def _end_validation(self, *, wait: bool = False) -> None:
-        """Cancel the running validation; `wait`: let it finish first, unless a stop comes (the run is ending)."""
+        """Cancel the running validation; `wait`: let it finish first (the run's last one), unless a stop comes
+        or `run.stop_timeout_s` passes."""
         if self.validating is None:
             return
         task = self.validating[0]
-        while wait and not task.done() and not self.stop_requested:
+        deadline = time.monotonic() + self.cfg.run.stop_timeout_s
+        while wait and not task.done() and not self.stop_requested and time.monotonic() < deadline:
             await asyncio.wait({task}, timeout=0.5)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
