@@ -29,7 +29,7 @@ def run_one(config: str, *, staleness: int, steps: int, overrides: list[str], ou
     sets = [f"buffer.max_staleness={staleness}", f"run.num_steps={steps}", f"run.name=bench-s{staleness}",
             f"run.output_dir={out}", "checkpoint.every_steps=0", "tracking.progress_bar=false",
             "tracking.log_rollouts_every=0",
-            f"sync.interval_steps=1", *overrides]
+            "sync.interval_steps=1", "validation.every_steps=0", *overrides]  # no pauses to validate
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         sets.append(f"tracking.mlflow_uri=sqlite:///{out}/mlflow.db")
     cfg = load_config(config, sets)

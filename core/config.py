@@ -373,6 +373,36 @@ class SFTConfig(Section):
     """Where the warm-started model is saved (None: `<run.output_dir>/sft-<hash of model, data and sft>`)."""
 
 
+class HeldOutFractionConfig(Section):
+    type: Literal["fraction"] = "fraction"
+    fraction: float = Field(0.05, gt=0.0, lt=1.0)
+    """Share of the training prompts held out (at least one): never trained on (GRPO or the SFT warm start)."""
+    seed: int = 0
+    """Seed of the draw; the same seed and dataset hold out the same prompts (resume relies on it)."""
+
+
+class ValidationFileConfig(Section):
+    type: Literal["file"] = "file"
+    path: str
+    """A dataset file or folder read like `data.dataset.path`; training prompts with the same problem and
+    image are removed from the training stream."""
+    on_bad_row: Literal["skip", "raise"] = "skip"
+
+
+class ValidationConfig(Section):
+    """Greedy decoding (one sample per prompt) of held-out prompts, scored by the training judge and logged as
+    `val/*` before the first step, every `every_steps` and at the last step (the reference: every 5 steps)."""
+
+    every_steps: int = Field(5, ge=0)
+    """Validate every k learner steps (a multiple of sync.interval_steps); 0 disables validation."""
+    source: Annotated[Union[HeldOutFractionConfig, ValidationFileConfig], Field(discriminator="type")] = HeldOutFractionConfig()
+    """Where the held-out prompts come from: a fraction of the training data, or a file."""
+    max_prompts: int | None = Field(None, ge=1)
+    """Validate on at most this many held-out prompts (the same ones each time); None: all of them."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Response length cap for validation; None: rollout.max_new_tokens."""
+
+
 class TrackingConfig(Section):
     mlflow_uri: str | None = None
     """mlflow tracking URI. None: `MLFLOW_TRACKING_URI` if set, else `sqlite:///mlruns.db` in the working dir."""
@@ -409,6 +439,7 @@ class Config(Section):
     sft: SFTConfig = SFTConfig()
     tracking: TrackingConfig = TrackingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    validation: ValidationConfig = ValidationConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -419,6 +450,14 @@ class Config(Section):
     def _cross_checks(self) -> Config:
         for problem in _cross_field_problems(self):
             raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _validation_schedule(self) -> Config:
+        every, interval = self.validation.every_steps, self.sync.interval_steps
+        if every % interval:
+            raise ValueError(f"validation.every_steps ({every}) is not a multiple of sync.interval_steps ({interval}): "
+                             "the actors would not hold the weights of the step being validated; use a multiple")
         return self
 
     @property

@@ -89,8 +89,9 @@ class Engine(Protocol):
 class Generator(Protocol):
     """A generation actor as the driver's loop calls it."""
 
-    async def generate(self, prompts: Sequence[Prompt]) -> list[RolloutGroup]:
-        """One group per prompt, in order. Raises PromptsRefused or GeneratorLost."""
+    async def generate(self, prompts: Sequence[Prompt], *, sampling: Sampling | None = None) -> list[RolloutGroup]:
+        """One group per prompt, in order; `sampling`: this call's (validation's greedy decoding), else the
+        actor's own. Raises PromptsRefused or GeneratorLost."""
 
     async def stats(self) -> GenerationStats:
         """What the actor did since the previous call."""
@@ -140,6 +141,9 @@ class Buffer(Protocol):
         """Wake every waiter: reserve() and take() return at once from now on."""
 
     async def stats(self) -> BufferStats: ...
+
+    async def validated(self, version: int) -> None:
+        """The validation of `version` ended: the learner may take its next batch (validation.py)."""
 
     async def pop_evicted_seqs(self) -> list[int]:
         """Stream positions evicted since the last call."""

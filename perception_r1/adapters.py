@@ -17,6 +17,7 @@ from core.records import (
     LearnerReport,
     Prompt,
     RolloutGroup,
+    Sampling,
     ScoredGroup,
 )
 from core.seams import GeneratorLost, PeerLost, PromptsRefused
@@ -31,9 +32,10 @@ class RayGenerator:
     def __init__(self, handle) -> None:
         self.handle = handle
 
-    async def generate(self, prompts: Sequence[Prompt]) -> list[RolloutGroup]:
+    async def generate(self, prompts: Sequence[Prompt], *, sampling: Sampling | None = None) -> list[RolloutGroup]:
         try:
-            return await self.handle.generate.remote(list(prompts))
+            args = (list(prompts),) if sampling is None else (list(prompts), sampling)  # None: the actor's own
+            return await self.handle.generate.remote(*args)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
             raise GeneratorLost(type(e).__name__) from e
         except ray.exceptions.RayTaskError as e:
@@ -66,6 +68,9 @@ class RayBuffer:
 
     async def stats(self) -> BufferStats:
         return await self._call(self.handle.stats)
+
+    async def validated(self, version: int) -> None:
+        await self._call(self.handle.validated, version)
 
     async def pop_evicted_seqs(self) -> list[int]:
         return await self._call(self.handle.pop_evicted_seqs)

@@ -42,6 +42,7 @@ from perception_r1.stop_signals import Interrupted, StopSignals
 from perception_r1.stream import PromptStream
 from perception_r1.tiny_model import build_tiny_model
 from perception_r1.tracking import ConsoleSink, FanOut, MlflowSink, RayMetricsSink, mlflow_uri
+from perception_r1.validation import split
 from replay.buffer import ReplayBuffer
 
 log = logging.getLogger("perception_r1")
@@ -59,6 +60,8 @@ class RunResult:
     stopped_early: bool
     history: list[tuple[float, dict[str, float]]]
     """(wall time, metrics) per logged step."""
+    validations: list[tuple[int, dict[str, float]]]
+    """(step, val/* metrics) per validation."""
 
 
 # ------------------------------------------------------------------------------------------- build
@@ -94,8 +97,11 @@ def warm_start(cfg: Config, model_path: str, prompts: list, *, should_stop=lambd
 def sft_dir(cfg: Config) -> Path:
     if cfg.sft.output_dir:
         return Path(cfg.sft.output_dir)
-    key = json.dumps([cfg.model.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
-                      cfg.sft.model_dump(mode="json"), cfg.run.seed], sort_keys=True)
+    parts = [cfg.model.model_dump(mode="json"), cfg.data.model_dump(mode="json"), cfg.sft.model_dump(mode="json"),
+             cfg.run.seed]
+    if cfg.validation.every_steps:  # held-out prompts are not in its training set
+        parts.append(cfg.validation.source.model_dump(mode="json"))
+    key = json.dumps(parts, sort_keys=True)
     return Path(cfg.run.output_dir) / f"sft-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -104,6 +110,15 @@ def load_prompts(cfg: Config) -> list:
     if source.type == "synthetic":
         return make_problems(source)
     return load_file(source.path, on_bad_row=source.on_bad_row)
+
+
+def split_prompts(cfg: Config) -> tuple[list, list]:
+    """(training prompts, held-out validation prompts): the held-out ones are never trained on, SFT included."""
+    prompts, held_out = split(load_prompts(cfg), cfg.validation)
+    if held_out:
+        log.info("validation: %d held-out prompts (%d decoded each time), %d training prompts", len(held_out),
+                 min(len(held_out), cfg.validation.max_prompts or len(held_out)), len(prompts))
+    return prompts, held_out
 
 
 def init_ray(cfg: Config) -> str:
@@ -157,7 +172,7 @@ def build_buffer(cfg: Config, *, initial_version: int):
     b = cfg.buffer
     return ray.remote(num_cpus=0)(ReplayBuffer).options(name=f"{cfg.run.name}:replay-buffer").remote(
         max_staleness=b.max_staleness, groups_per_step=cfg.learner.prompts_per_step, max_groups=b.max_groups,
-        max_bytes=b.max_bytes, initial_version=initial_version)
+        max_bytes=b.max_bytes, initial_version=initial_version, validate_every=cfg.validation.every_steps)
 
 
 def build_trainer(cfg: Config, wiring, run_dir: Path):
@@ -197,7 +212,7 @@ def train(cfg: Config, *, resume: bool = False) -> RunResult:
         (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         restored = _find_resume(run_dir, resume=resume)
         preflight.check_tracking(mlflow_uri(cfg.tracking))  # before the model and the SFT warm start: fail fast
-        model_path, prompts = _prepare(cfg, stop)
+        model_path, prompts, held_out = _prepare(cfg, stop)
         mlflow_sink = MlflowSink(cfg, run_dir=run_dir, resume=restored is not None)  # before Ray: fails fast
         status = "FAILED"
         try:
@@ -207,8 +222,8 @@ def train(cfg: Config, *, resume: bool = False) -> RunResult:
                 stop.check("Ray start-up")
                 preflight.check_resources(cfg, ray.cluster_resources())
                 preflight.check_placement(cfg, [node["Resources"] for node in ray.nodes() if node["Alive"]])
-                result = _run(cfg, model_path=model_path, prompts=prompts, run_dir=run_dir, restored=restored,
-                              mlflow_sink=mlflow_sink, stop=stop)
+                result = _run(cfg, model_path=model_path, prompts=prompts, held_out=held_out, run_dir=run_dir,
+                              restored=restored, mlflow_sink=mlflow_sink, stop=stop)
                 status = "KILLED" if result.stopped_early else "FINISHED"
                 return result
             except Interrupted:
@@ -237,19 +252,20 @@ def check_job_paths(cfg: Config) -> None:
                          "--set run.output_dir=$PWD/runs --set tracking.mlflow_uri=sqlite:///$PWD/mlruns.db")
 
 
-def _prepare(cfg: Config, stop: StopSignals) -> tuple[str, list]:
-    """The model folder (built, checked, warm-started) and the prompts; each phase honours a stop."""
+def _prepare(cfg: Config, stop: StopSignals) -> tuple[str, list, list]:
+    """The model folder (built, checked, warm-started), the training prompts and the held-out ones (validation);
+    each phase honours a stop."""
     model_path = resolve_model(cfg)
     preflight.check_learner_memory(cfg, model_path)  # before the SFT warm start and Ray
     stop.check("model preparation")
-    prompts = load_prompts(cfg)
+    prompts, held_out = split_prompts(cfg)
     stop.check("data loading")
     if cfg.sft.enabled:
         try:
             model_path = warm_start(cfg, model_path, prompts, should_stop=stop.requested.is_set)
         except SFTInterrupted as e:
             raise Interrupted(f"{stop.signal_name} during the SFT warm start: {e}") from None
-    return model_path, prompts
+    return model_path, prompts, held_out
 
 
 def _find_resume(run_dir: Path, *, resume: bool):
@@ -272,8 +288,8 @@ def _find_resume(run_dir: Path, *, resume: bool):
     return found
 
 
-def _run(cfg: Config, *, model_path: str, prompts: list, run_dir: Path, restored, mlflow_sink: MlflowSink,
-         stop: StopSignals) -> RunResult:
+def _run(cfg: Config, *, model_path: str, prompts: list, held_out: list, run_dir: Path, restored,
+         mlflow_sink: MlflowSink, stop: StopSignals) -> RunResult:
     """Start-up overlaps its slow parts: the actors load their engines and Ray Train brings the learner up
     (the slowest part) while the judge's Serve apps deploy; the loops start once the judge answers."""
     ckpt_path, state = restored if restored else (None, None)
@@ -295,7 +311,8 @@ def _run(cfg: Config, *, model_path: str, prompts: list, run_dir: Path, restored
         session = Session(cfg, stream=stream, generators=[RayGenerator(a) for a in actors], scorer=judge,
                           buffer=RayBuffer(buffer), reports=RayReports(reports), sinks=sinks,
                           start_version=state.version if state else 0, buffered=state.buffered if state else [],
-                          ledger=run_dir / "trained.jsonl", checkpoint_root=run_dir / "checkpoints")
+                          ledger=run_dir / "trained.jsonl", checkpoint_root=run_dir / "checkpoints",
+                          validation_prompts=held_out)
         stop.on_stop(session.request_stop)
         _run_until_done(session, learner)
     finally:
@@ -317,7 +334,7 @@ def _run(cfg: Config, *, model_path: str, prompts: list, run_dir: Path, restored
         raise Interrupted(f"{stop.signal_name or 'a stop request'} during start-up; nothing was trained")
     return RunResult(run_dir=run_dir, final_version=session.version, steps_logged=session.steps_logged,
                      mlflow_run_id=mlflow_sink.run_id, counters=dict(session.counters()), stopped_early=stopped,
-                     history=session.history)
+                     history=session.history, validations=session.validations)
 
 
 def _run_until_done(session: Session, learner: LearnerThread) -> None:

@@ -9,6 +9,13 @@ or an actor the run needs dies (`PeerLost`), `fatal` names the cause and the run
 is safe. A stop before the learner is up ends at once (nothing to save). Metrics-only peers (the
 judge's statistics, the actors' counters) never stop the run.
 
+Validation (perception_r1/validation.py) runs beside the report loop, as a task: before the first step, after
+each report whose version is a multiple of `validation.every_steps`, and after the last step. The buffer holds
+the learner at those versions until `buffer.validated(version)` (replay/buffer.py), so the actors keep exactly
+the weights being validated; generation goes on. Its metrics go to every sink at the policy_version it decoded
+with. It ends at its deadline (`run.stall_timeout_s`, not counted as a stall) or on a stop; its errors are
+counted and never stop the run.
+
 Fates of the run's actors, as the driver sees them:
     generation actor   restarted by Ray; its in-flight prompts requeued           (orchestrator.py)
     learner worker     restarted by Ray Train from the newest checkpoint; its taken batch requeued
@@ -40,6 +47,8 @@ from core.records import (
     LearnerReport,
     LearnerStarted,
     LearnerStep,
+    Prompt,
+    Sampling,
     ScoredGroup,
 )
 from core.seams import Buffer, Generator, MetricsSink, PeerLost, ReportSource, Scorer
@@ -47,6 +56,7 @@ from perception_r1 import run_checkpoints
 from perception_r1.orchestrator import DispatchSettings, Orchestrator
 from perception_r1.step_metrics import buffer_metrics, generation_metrics, judge_metrics
 from perception_r1.stream import PromptStream
+from perception_r1.validation import Validation, Validator
 from perception_r1.watchdog import Deadlines, Watchdog
 
 log = logging.getLogger("perception_r1")
@@ -55,7 +65,8 @@ log = logging.getLogger("perception_r1")
 class Session:
     def __init__(self, cfg: Config, *, stream: PromptStream, generators: list[Generator], scorer: Scorer,
                  buffer: Buffer, reports: ReportSource, sinks: MetricsSink, start_version: int,
-                 buffered: list[ScoredGroup], ledger: Path, checkpoint_root: Path | None = None) -> None:
+                 buffered: list[ScoredGroup], ledger: Path, checkpoint_root: Path | None = None,
+                 validation_prompts: list[Prompt] = ()) -> None:
         self.cfg, self.stream, self.generators, self.scorer, self.buffer = cfg, stream, generators, scorer, buffer
         self.reports, self.sinks, self.version, self.buffered = reports, sinks, start_version, buffered
         self.ledger = ledger
@@ -83,6 +94,21 @@ class Session:
         self.window_start = time.perf_counter()
         self.progress = None
         self.buffer_closed = False
+        self.validator = self._validator(validation_prompts)
+        self.validating: tuple[asyncio.Task, int] | None = None
+        """The latest validation: (its task, the step it validates)."""
+        self.validations: list[tuple[int, dict[str, float]]] = []
+        """(step, val/* metrics) of every validation logged."""
+
+    def _validator(self, prompts: list[Prompt]) -> Validator | None:
+        v, r = self.cfg.validation, self.cfg.rollout
+        if not v.every_steps:
+            return None
+        assert prompts, "validation.every_steps > 0 needs held-out prompts (validation.split): the buffer holds for them"
+        sampling = Sampling(n=1, temperature=0.0, top_p=1.0, max_new_tokens=v.max_new_tokens or r.max_new_tokens,
+                            seed=self.cfg.run.seed)
+        return Validator(prompts=prompts[:v.max_prompts], generators=self.generators, scorer=self.scorer,
+                         sampling=sampling, prompts_per_call=r.prompts_per_call, counters=self.counters())
 
     def request_stop(self) -> None:
         if not self.stop_requested:
@@ -119,6 +145,7 @@ class Session:
             self.fail(f"{task.exception()}; the run stops")
 
     async def _close_down(self, dispatch: asyncio.Task) -> None:
+        await self._end_validation(wait=True)
         stats = await self._peer(self.buffer.stats(), None)
         if stats is not None:
             self.sinks.log_dict({str(k): v for k, v in sorted(stats.taken_staleness.items())},
@@ -145,7 +172,8 @@ class Session:
         while True:
             self._watch()
             if self.stop_requested:
-                await self._close_buffer()
+                await self._close_buffer()  # first: the learner must not train on once a validation's hold ends
+                await self._end_validation()
                 if not self.learner_starts or self.watchdog.overdue(learner_up=True) == "stop":
                     return  # nothing to save yet, or the learner had its time
             if self.reports_lost:  # no report can come: wait for the learner to end, then salvage
@@ -168,6 +196,8 @@ class Session:
         if self.orchestrator.fatal:
             self.fail(self.orchestrator.fatal)
         phase = self.watchdog.overdue(learner_up=self.learner_starts > 0)
+        if phase == "stall" and self._validation_running():
+            phase = ""  # the validation holds the learner back; it has its own deadline
         if phase == "startup":
             self.fail(f"the learner did not come up within run.startup_timeout_s={self.cfg.run.startup_timeout_s:g}s "
                       "(Ray Train could not place or start its workers, or the model load hangs; see the learner's "
@@ -244,10 +274,18 @@ class Session:
         if every and report.step % every == 0 and self.orchestrator.recent:
             self.sinks.log_table(rollout_table(self.orchestrator.recent[-1]),
                                  artifact_file=f"rollouts/step_{report.step:06d}.json")
+        if self._validation_due(report.version):
+            await self._start_validation(report.version)
         if self.progress is not None:
             self.progress.update(1)
-            self.progress.set_postfix(reward=f"{metrics.get('reward/total', 0):.3f}",
-                                      samples_s=f"{metrics.get('throughput/samples_per_s', 0):.2f}")
+            self._show_progress(metrics)
+
+    def _show_progress(self, metrics: dict[str, float]) -> None:
+        postfix = {"reward": f"{metrics.get('reward/total', 0):.3f}",
+                   "samples_s": f"{metrics.get('throughput/samples_per_s', 0):.2f}"}
+        if self.validations:
+            postfix["val_acc"] = f"{self.validations[-1][1].get('val/accuracy', float('nan')):.3f}"
+        self.progress.set_postfix(postfix)
 
     async def _on_learner_start(self, version: int) -> None:
         """The learner's first report after each (re)start. The queue is FIFO, so every report of a dead
@@ -257,6 +295,8 @@ class Session:
             self.window_start = time.perf_counter()  # start-up is not part of the first step's time
             log.info("start-up done: the learner is up at version %d; training", version)
             self.progress = _progress(self.cfg, version)
+            if self._validation_due(version, first=True):
+                await self._start_validation(version)
             return
         lost = [seq for seq in await self._peer(self.buffer.pop_lost_seqs(), []) if seq in self.stream.outstanding]
         self.stream.requeue(lost)
@@ -266,6 +306,68 @@ class Session:
         log.warning("the learner restarted from its newest checkpoint at version %d (was at %d); %d groups it had "
                     "taken but not trained were requeued", version, self.version, len(lost))
         self.version = version
+
+    # ------------------------------------------------------------------------------------- validation
+    def _validation_due(self, version: int, *, first: bool = False) -> bool:
+        """Before the first step (of this session), every `every_steps` versions and at the last step."""
+        if self.validator is None or self.stop_requested:
+            return False
+        return first or version % self.cfg.validation.every_steps == 0 or version == self.cfg.run.num_steps
+
+    def _validation_running(self) -> bool:
+        return self.validating is not None and not self.validating[0].done()
+
+    async def _start_validation(self, step: int) -> None:
+        if self._validation_running():
+            self.counters()["val_skipped_busy"] += 1
+            log.warning("validation of step %d skipped: the one of step %d still runs", step, self.validating[1])
+            await self._peer(self.buffer.validated(step), None)
+            return
+        task = asyncio.get_running_loop().create_task(self._validate(step))
+        task.add_done_callback(self._validation_ended)
+        self.validating = (task, step)
+
+    def _validation_ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:  # a bug, not a validation error: counted
+            self.counters()["val_task_errors"] += 1
+            log.error("the validation failed: %r; training goes on", task.exception())
+
+    async def _validate(self, step: int) -> None:
+        try:
+            result = await asyncio.wait_for(self.validator.run(), timeout=self.cfg.run.stall_timeout_s)
+        except asyncio.TimeoutError:
+            self.counters()["val_timeouts"] += 1
+            log.warning("the validation of step %d did not end within run.stall_timeout_s=%gs (a stalled generation "
+                        "actor or judge?); skipped, training goes on", step, self.cfg.run.stall_timeout_s)
+            return
+        finally:
+            self.watchdog.progress()  # the learner was held back until now: its stall clock starts over
+            if not self.stop_requested:  # stopping: the buffer is closed, the learner checkpoints and ends
+                await self._peer(self.buffer.validated(step), None)
+        self._log_validation(result, step=step)
+
+    def _log_validation(self, result: Validation, *, step: int) -> None:
+        version = result.version(default=step)
+        if version != step:
+            log.warning("the validation of step %d decoded with the weights of version %d (the learner moved on); "
+                        "logged at step %d", step, version, version)
+        metrics = result.metrics()
+        self.sinks.log_metrics(version, metrics)
+        self.validations.append((version, metrics))
+        if self.progress is not None:
+            self._show_progress(self.history[-1][1] if self.history else {})
+
+    async def _end_validation(self, *, wait: bool = False) -> None:
+        """Cancel the running validation; `wait`: let it finish first (the run's last one), unless a stop comes
+        or `run.stop_timeout_s` passes."""
+        if self.validating is None:
+            return
+        task = self.validating[0]
+        deadline = time.monotonic() + self.cfg.run.stop_timeout_s
+        while wait and not task.done() and not self.stop_requested and time.monotonic() < deadline:
+            await asyncio.wait({task}, timeout=0.5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
     def _append_ledger(self, report: LearnerStep) -> None:
         line = {"session": self.session_id, "step": report.step, "version": report.version, "seqs": list(report.seqs),

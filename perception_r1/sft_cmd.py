@@ -17,8 +17,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from perception_r1.driver import load_prompts, resolve_model, warm_start
+    from perception_r1.driver import resolve_model, split_prompts, warm_start
 
-    out = warm_start(cfg, resolve_model(cfg), load_prompts(cfg))
+    out = warm_start(cfg, resolve_model(cfg), split_prompts(cfg)[0])  # held-out prompts stay unseen
     print(f"sft model: {out}  (use it with: model: {{type: pretrained, path: {out}}})")
     return 0

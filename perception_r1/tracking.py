@@ -93,10 +93,12 @@ class MlflowSink:
 
 
 class ConsoleSink(_NoArtifacts):
-    """A one-line summary every `every` steps (the progress bar shows the rest)."""
+    """A one-line summary every `every` steps, and one per validation (the progress bar shows the rest)."""
 
     KEYS = ("reward/total", "reward/accuracy", "reward/format", "reward/visual", "staleness/mean",
             "learner/loss", "gen/tokens_per_s", "learner/step_seconds", "sync/seconds")
+    VAL_KEYS = ("val/accuracy", "val/reward", "val/format", "val/visual", "val/repetition", "val/num_prompts",
+                "val/errors", "val/seconds")
 
     def __init__(self, *, every: int = 1, write=None) -> None:
         if write is None:
@@ -106,7 +108,10 @@ class ConsoleSink(_NoArtifacts):
         self.every, self.write = every, write
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        if step % self.every == 0:
+        if is_validation(metrics):
+            parts = [f"{k.removeprefix('val/')}={metrics[k]:.3g}" for k in self.VAL_KEYS if k in metrics]
+            self.write(f"validation at step {step}: " + " ".join(parts))
+        elif step % self.every == 0:
             parts = [f"{k.replace('reward/', '')}={metrics[k]:.3g}" for k in self.KEYS if k in metrics]
             self.write(f"step {step}: " + " ".join(parts))
 
@@ -120,11 +125,13 @@ class RayMetricsSink(_NoArtifacts):
         from ray.util.metrics import Gauge
 
         self.Gauge, self.run_name, self.gauges = Gauge, run_name, {}
-        self.last: set[tuple[str, str]] = set()
+        self.last: dict[bool, set[tuple[str, str]]] = {False: set(), True: set()}
+        """Series set by the previous step's row and by the previous validation's (each keeps its own)."""
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Every metric is a per-step value: a series the previous step set and this one does not (a
-        staleness bin now empty, no skipped update) reads 0, not its old value."""
+        staleness bin now empty, no skipped update) reads 0, not its old value. A validation's row leaves
+        the step's series alone, and the other way round."""
         now = set()
         for key, value in metrics.items():
             name, actor = _gauge_name(key)
@@ -135,9 +142,10 @@ class RayMetricsSink(_NoArtifacts):
                                                        tag_keys=("run", "actor"))
             gauge.set(float(value), tags={"run": self.run_name, "actor": actor})
             now.add((name, actor))
-        for name, actor in self.last - now:
+        kind = is_validation(metrics)
+        for name, actor in self.last[kind] - now:
             self.gauges[name].set(0.0, tags={"run": self.run_name, "actor": actor})
-        self.last = now
+        self.last[kind] = now
 
 
 class FanOut:
@@ -173,6 +181,11 @@ class FanOut:
             self.failures += 1
             log.warning("metrics sink %s.%s failed (%d failures so far): %s", type(sink).__name__, what,
                         self.failures, e)
+
+
+def is_validation(metrics: dict[str, float]) -> bool:
+    """A validation's row (`val/*` only, perception_r1/validation.py) rather than a learner step's."""
+    return bool(metrics) and all(k.startswith("val/") for k in metrics)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:

@@ -22,6 +22,9 @@ Rules it enforces:
 - Learner restarts: learner_started() at a start after the first rewinds the versions to the restored
   checkpoint's and returns the dead learner's last batch as lost (the driver requeues what it never
   saw trained), so no group is trained twice or dropped silently.
+- Validation hold (`validate_every` > 0): at the learner's first start and at each published version that
+  is a multiple of it, take() waits until the driver says `validated(version)`; the learner cannot move on
+  (and broadcast newer weights) while the driver validates the weights of that version. Producers go on.
 """
 
 from __future__ import annotations
@@ -176,11 +179,14 @@ class ReplayBuffer:
     """
 
     def __init__(self, *, max_staleness: int, groups_per_step: int, max_groups: int, max_bytes: int,
-                 initial_version: int = 0) -> None:
+                 initial_version: int = 0, validate_every: int = 0) -> None:
         self.core = BufferCore(max_staleness=max_staleness, groups_per_step=groups_per_step,
                                max_groups=max_groups, max_bytes=max_bytes, initial_version=initial_version)
         self.changed = asyncio.Condition()
         self.closed = False
+        self.validate_every = validate_every
+        self.held: int | None = None
+        """The version whose validation take() waits for (None: not holding)."""
 
     async def reserve(self, n: int = 1) -> bool:
         """Wait for room for n groups; False once the buffer is closed."""
@@ -206,7 +212,7 @@ class ReplayBuffer:
     async def take(self, k: int) -> list[tuple[list, EntryMeta, int]] | None:
         """Wait for k admissible groups: [([ref], meta, staleness)]; None once closed."""
         async with self.changed:
-            await self.changed.wait_for(lambda: self.closed or self.core.can_take(k))
+            await self.changed.wait_for(lambda: self.closed or (self.held is None and self.core.can_take(k)))
             if self.closed:
                 return None
             taken = self.core.take(k)
@@ -216,11 +222,23 @@ class ReplayBuffer:
     async def publish_version(self, learner_version: int, synced_version: int) -> None:
         async with self.changed:
             self.core.publish_version(learner_version=learner_version, synced_version=synced_version)
+            if self.validate_every and learner_version % self.validate_every == 0:
+                self.held = learner_version
             self.changed.notify_all()
 
     async def learner_started(self, version: int) -> None:
+        """A (re)start; the first holds for the validation before the first step, a restart ends any hold."""
         async with self.changed:
+            first = not self.core.learner_starts
             self.core.learner_started(version)
+            self.held = version if first and self.validate_every else None
+            self.changed.notify_all()
+
+    async def validated(self, version: int) -> None:
+        """The driver validated `version` (or gave up on it): take() may go on."""
+        async with self.changed:
+            if self.held == version:
+                self.held = None
             self.changed.notify_all()
 
     async def close(self) -> None:

@@ -25,6 +25,7 @@ from core.records import (
 from core.seams import GeneratorLost, PromptsRefused
 from perception_r1.session import Session
 from perception_r1.stream import PromptStream
+from perception_r1.validation import split
 from replay.buffer import ReplayBuffer, entry_meta
 
 N = 2  # rollouts per prompt
@@ -38,8 +39,10 @@ class FakeGenerator:
         self.actor_id, self.versions = actor_id, versions
         self.die_on_calls, self.refuse, self.fail, self.stuck_at = set(die_on_calls), set(refuse), set(fail), stuck_at
         self.calls = 0
+        self.validation_calls: list[tuple[list[str], int]] = []
+        """(prompt ids, version) of each call with its own sampling (validation's greedy decoding)."""
 
-    async def generate(self, prompts):
+    async def generate(self, prompts, *, sampling=None):
         self.calls += 1
         call = self.calls
         await asyncio.sleep(0.001)
@@ -51,7 +54,9 @@ class FakeGenerator:
         if ids & self.fail:
             raise TypeError("a tokenizer choked on the text")
         version = self.versions.synced if self.stuck_at is None else self.stuck_at
-        return [_group(p, version, self.actor_id) for p in prompts]
+        if sampling is not None:
+            self.validation_calls.append(([p.id for p in prompts], version))
+        return [_group(p, version, self.actor_id, n=sampling.n if sampling else N) for p in prompts]
 
     async def stats(self) -> GenerationStats:
         return GenerationStats(actor_id=self.actor_id, num_groups=0, num_tokens=0, busy_seconds=0.0, version=0)
@@ -94,6 +99,9 @@ class LocalBuffer:
 
     async def stats(self):
         return self.b.stats()
+
+    async def validated(self, version):
+        await self.b.validated(version)
 
     async def pop_evicted_seqs(self):
         return self.b.pop_evicted_seqs()
@@ -176,29 +184,33 @@ async def fake_learner(buffer: ReplayBuffer, reports: QueueReports, versions: Ve
 
 def run_session(tmp_path: Path, *, generators, scorer=None, num_steps=6, max_staleness=1, drop_uniform=False,
                 die_at_step=None, restart_from=0, versions=None, num_prompts=40, prompts_per_call=1, run=None,
-                learner=None, buffer_view=LocalBuffer, buffered=(), during=None, timeout_s=30.0):
+                learner=None, buffer_view=LocalBuffer, buffered=(), during=None, timeout_s=30.0, validation=None):
     """Run a Session against the fakes. `run`: extra `run.*` config; `learner(buffer, reports, versions)`: a
     learner coroutine in place of `fake_learner`; `buffer_view(buffer)`: the driver's view of the buffer;
-    `during(session)`: a coroutine run beside the session (faults, stop requests)."""
+    `during(session)`: a coroutine run beside the session (faults, stop requests); `validation`: the
+    `validation` section (off unless given), its held-out prompts split off as the driver does."""
     cfg = parse_config({
         "run": {"num_steps": num_steps, "output_dir": str(tmp_path), **(run or {})},
         "rollout": {"samples_per_prompt": N, "prompts_per_call": prompts_per_call, "max_inflight_per_actor": 2},
         "learner": {"prompts_per_step": K},
         "buffer": {"max_staleness": max_staleness, "max_groups": 8, "drop_uniform_groups": drop_uniform},
         "tracking": {"progress_bar": False, "log_rollouts_every": 0},
+        "validation": validation or {"every_steps": 0},
     })
-    prompts = [Prompt(id=f"p{i}", index=i, problem="<image>x", answer="1", image=b"") for i in range(num_prompts)]
+    prompts = [Prompt(id=f"p{i}", index=i, problem=f"<image>x{i}", answer="1", image=b"") for i in range(num_prompts)]
+    prompts, held_out = split(prompts, cfg.validation)
     stream = PromptStream(prompts, shuffle_seed=None)
     versions = versions or Versions()
     sink = RecordingSink()
 
     async def main():
-        buffer = ReplayBuffer(max_staleness=max_staleness, groups_per_step=K, max_groups=8, max_bytes=1 << 30)
+        buffer = ReplayBuffer(max_staleness=max_staleness, groups_per_step=K, max_groups=8, max_bytes=1 << 30,
+                              validate_every=cfg.validation.every_steps)
         reports = QueueReports()
         session = Session(cfg, stream=stream, generators=generators(versions), scorer=scorer or FakeScorer(),
                           buffer=buffer_view(buffer), reports=reports, sinks=sink, start_version=0,
                           buffered=list(buffered), ledger=tmp_path / "trained.jsonl",
-                          checkpoint_root=tmp_path / "checkpoints")
+                          checkpoint_root=tmp_path / "checkpoints", validation_prompts=held_out)
         learn = (learner(buffer, reports, versions) if learner else
                  fake_learner(buffer, reports, versions, num_steps=num_steps, die_at_step=die_at_step,
                               restart_from=restart_from))
@@ -221,8 +233,8 @@ def trained_ids(ledger) -> list[str]:
     return [pid for line in ledger for pid in line["prompt_ids"]]
 
 
-def _group(prompt: Prompt, version: int, actor_id: int) -> RolloutGroup:
+def _group(prompt: Prompt, version: int, actor_id: int, n: int = N) -> RolloutGroup:
     rollouts = tuple(Rollout(token_ids=np.arange(3, dtype=np.int32), logprobs=np.zeros(3, np.float32), text=f"r{i}",
-                             finish_reason="stop", min_version=version, max_version=version) for i in range(N))
+                             finish_reason="stop", min_version=version, max_version=version) for i in range(n))
     return RolloutGroup(prompt=prompt, prompt_token_ids=np.arange(4, dtype=np.int32), rollouts=rollouts,
                         actor_id=actor_id, generate_seconds=0.001)

@@ -70,14 +70,25 @@ def learner_metrics() -> dict[str, float]:
     return _finish(totals)
 
 
-def batch_metrics() -> dict[str, float]:
+def scored_group() -> ScoredGroup:
     prompt = Prompt(id="p", index=0, problem="<image>x", answer="1", image=b"", annotations=("AB = 3",))
     rollout = Rollout(token_ids=np.arange(3, dtype=np.int32), logprobs=np.zeros(3, np.float32), text="t",
                       finish_reason="stop", min_version=0, max_version=0)
     group = RolloutGroup(prompt=prompt, prompt_token_ids=np.arange(2, dtype=np.int32), rollouts=(rollout, rollout),
                          actor_id=0, generate_seconds=1.0)
     reward = RewardBreakdown(accuracy=1.0, format=1.0, repetition=0.0, visual=0.5, total=1.0, overall=1.0)
-    return reward_metrics([ScoredGroup(group, (reward, reward), judge_seconds=0.1)], staleness=[0, 1])
+    return ScoredGroup(group, (reward, reward), judge_seconds=0.1)
+
+
+def batch_metrics() -> dict[str, float]:
+    return reward_metrics([scored_group()], staleness=[0, 1])
+
+
+def validation_metrics() -> dict[str, float]:
+    """A validation's row (it reaches the sinks on its own; merged here only to derive the names)."""
+    from perception_r1.validation import Validation
+
+    return Validation(scored=[scored_group()], num_errors=0, seconds=1.0).metrics()
 
 
 def literal_keys() -> set[str]:
@@ -110,7 +121,7 @@ def one_step_metrics() -> dict[str, float]:
     metrics |= buffer_metrics(BufferStats(**buffer))
     metrics |= {key: 1.0 for key in literal_keys()}
     metrics |= {f"driver/{name}": 1.0 for name in driver_counters()}
-    return metrics
+    return metrics | validation_metrics()
 
 
 class RecordingGauge:
@@ -165,7 +176,8 @@ def test_the_derivation_sees_every_source_of_metrics(exported):
     """Guards the derivation itself: each part of a step's metrics contributed names."""
     for part in ("reward_total", "learner_loss", "learner_entropy_mean", "learner_kl_ref_mean", "learner_lr",
                  "learner_wait_seconds", "sync_seconds", "gen_tokens_per_s", "judge_latency_p99_s", "buffer_depth",
-                 "throughput_samples_per_s", "staleness_groups_at_1", "driver_skipped_prompts"):
+                 "throughput_samples_per_s", "staleness_groups_at_1", "driver_skipped_prompts", "val_accuracy",
+                 "val_policy_version"):
         assert f"ray_perception_r1_{part}" in exported, part
 
 

@@ -50,3 +50,7 @@ def test_the_demo_reward_rises_over_grpo_steps(tmp_path, ray_local):
     for key, minimum in MIN_RISE.items():
         assert rises[key] > minimum, f"{key} rose by {rises[key]:.3f} (need > {minimum}); all rises: {rises}"
     assert max(m["staleness/max"] for m in history) <= cfg.buffer.max_staleness
+    # validated out of the box: before the first step, every 5 steps and at the last, on 3 held-out problems
+    assert [step for step, _ in result.validations] == list(range(0, cfg.run.num_steps + 1, 5))
+    assert all(m["val/num_prompts"] == 3 and "val/accuracy" in m for _, m in result.validations)
+    print("validation accuracy per 5 steps:", [m["val/accuracy"] for _, m in result.validations])

@@ -32,7 +32,7 @@ def run_dir(tmp_path_factory, ray_cluster):
                  "rollout.max_new_tokens=24", "learner.prompts_per_step=2", "buffer.max_groups=8",
                  "tracking.progress_bar=false", "tracking.log_rollouts_every=0", "data.dataset.num_problems=64",
                  f"run.output_dir={tmp}", f"tracking.mlflow_uri=sqlite:///{tmp}/mlflow.db",
-                 f"model.cache_dir={tmp}/tiny", "run.num_steps=2", "checkpoint.every_steps=1",
+                 f"model.cache_dir={tmp}/tiny", "run.num_steps=2", "checkpoint.every_steps=1", "validation.every_steps=1",
                  # the random tiny model earns no reward without the SFT warm start (zero advantages, zero
                  # gradients): weight decay at a large lr is what moves its weights, enough to show in bf16
                  "learner.optimizer.warmup_steps=0", "learner.optimizer.lr=0.02", "learner.optimizer.weight_decay=0.5"]
@@ -42,6 +42,28 @@ def run_dir(tmp_path_factory, ray_cluster):
         result = train(cfg)
     assert result.final_version == 2
     return result.run_dir
+
+
+@pytest.mark.slow
+def test_the_run_validated_before_its_first_step_and_after_each(run_dir):
+    """Validation on the whole system: held-out prompts decoded greedily by the generation actor, scored by
+    the judge app, in mlflow as val/* at step 0 (before the first update) and at each version after."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir.parent}/mlflow.db")
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    history = {key: sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+               for key in ("val/accuracy", "val/reward", "val/visual", "val/num_prompts", "val/policy_version")}
+    assert [m.step for m in history["val/accuracy"]] == [0, 1, 2]
+    assert [m.value for m in history["val/policy_version"]] == [0.0, 1.0, 2.0]
+    assert all(m.value == 3 for m in history["val/num_prompts"])  # 5% of 64 problems, never trained on
+    assert all(-2.0 <= m.value <= 1.7 for m in history["val/reward"]) and history["val/visual"]
+    from core.config_files import load_config
+    from perception_r1.driver import split_prompts
+
+    held = {p.id for p in split_prompts(load_config(run_dir / "config.yaml"))[1]}
+    lines = (run_dir / "trained.jsonl").read_text().splitlines()
+    assert len(held) == 3 and not held & {pid for line in lines for pid in json.loads(line)["prompt_ids"]}
 
 
 def checkpoint_weights(checkpoint: Path, base: Path) -> dict[str, torch.Tensor]:

@@ -2,7 +2,6 @@
 survives a failing one (counted); a new experiment in a sqlite store keeps its artifacts beside the
 database, not in the working directory."""
 
-from pathlib import Path
 
 from perception_r1.tracking import ConsoleSink, FanOut, use_experiment
 
@@ -83,3 +82,10 @@ def test_ray_gauges_of_a_key_absent_from_this_step_read_zero():
                       ("perception_r1_staleness_groups_at_0", "all"): 4.0,
                       ("perception_r1_gen_tokens_per_s", "0"): 0.0, ("perception_r1_learner_loss", "all"): 0.25}
     assert sink.gauges["gen_tokens_per_s"].description == "gen/actor<id>/tokens_per_s"
+    # a validation's row (val/* only) and the steps' rows leave each other's gauges alone
+    sink.log_metrics(2, {"val/accuracy": 0.5})
+    sink.log_metrics(2, {"learner/loss": 0.125})
+    assert values[("perception_r1_val_accuracy", "all")] == 0.5
+    assert values[("perception_r1_staleness_groups_at_0", "all")] == 0.0  # still zeroed by the step's row
+    sink.log_metrics(3, {"val/reward": 1.0})
+    assert values[("perception_r1_val_accuracy", "all")] == 0.0 and values[("perception_r1_learner_loss", "all")] == 0.125
