@@ -93,13 +93,12 @@ def validation_metrics() -> dict[str, float]:
 
 def literal_keys() -> set[str]:
     """Keys the trainer, the learner worker and the session write literally: `metrics["a/b"] = ...`,
-    `totals["a/b"] ...` and `metrics.update({"a/b": ...})`."""
+    `totals["a/b"] ...` and any `"a/b": ...` of a dict literal (`metrics.update({...})`, `return {...}`)."""
     keys = set()
     for path in [*(REPO / "learner").glob("*.py"), *(REPO / "perception_r1").glob("*.py")]:
         source = path.read_text(encoding="utf-8")
         keys |= set(re.findall(r'\b(?:metrics|totals)\["([a-z_]+/[a-z0-9_]+)"\]', source))
-        for body in re.findall(r"metrics\.update\(\{(.*?)\}\)", source, re.DOTALL):
-            keys |= set(re.findall(r'"([a-z_]+/[a-z0-9_]+)"\s*:', body))
+        keys |= set(re.findall(r'"([a-z_]+/[a-z0-9_]+)"\s*:', source))  # dict literals: update({...}), return {...}
     return keys
 
 
