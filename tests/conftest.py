@@ -3,6 +3,7 @@ in-process tests (see `shared_ray`)."""
 
 import os
 import socket
+import time
 
 import pytest
 
@@ -48,23 +49,38 @@ RAY_SINGLETONS = {"_AutoscalingCoordinatorActor"}
 """Ray's own detached actors that outlive a run by design (Ray Train starts this one)."""
 
 
+WIND_DOWN_S = 20.0
+"""How long a finished run's actors may take to end (Ray Train's DatasetManager outlives `fit()` by a few
+seconds) before the cluster is restarted instead: a restart costs ~10-20 s of start-up on 2 cores."""
+
+
 def leave_shared_ray_clean() -> None:
     """After a test: Serve down (its proxy holds an HTTP port other tests' clusters need), and a fresh
-    cluster next time if anything of the test is still alive (e.g. a failed test's learner retrying)."""
+    cluster next time if anything of the test is still alive after `WIND_DOWN_S` (e.g. a failed test's
+    learner retrying)."""
     import ray
     from ray import serve
-    from ray.util.state import list_actors
 
     if not ray.is_initialized():
         return
     serve.shutdown()
+    deadline = time.monotonic() + WIND_DOWN_S
+    while (left := _alive_actors(ray)) and left != ["?"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if left:
+        ray.shutdown()
+
+
+def _alive_actors(ray) -> list[str]:
+    """Class names of the cluster's live actors, Ray's own singletons left out ("?" without a state API)."""
+    from ray.util.state import list_actors
+
     try:
         alive = [a.class_name for a in list_actors(address=ray.get_runtime_context().gcs_address,
                                                    filters=[("state", "=", "ALIVE")])]
     except Exception:  # noqa: BLE001 -- no state API: start over rather than guess
-        alive = ["?"]
-    if [name for name in alive if name not in RAY_SINGLETONS]:
-        ray.shutdown()
+        return ["?"]
+    return [name for name in alive if name not in RAY_SINGLETONS]
 
 
 @pytest.fixture(scope="module")
