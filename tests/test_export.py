@@ -22,7 +22,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, ray_cluster):
+def run_dir(tmp_path_factory, tiny_model_path, ray_cluster):
     """A finished 2-step run with a checkpoint at each step (module-scoped: one training run for all tests)."""
     from core.config_files import load_config
     from perception_r1.driver import train
@@ -32,7 +32,7 @@ def run_dir(tmp_path_factory, ray_cluster):
                  "rollout.max_new_tokens=24", "learner.prompts_per_step=2", "buffer.max_groups=8",
                  "tracking.progress_bar=false", "tracking.log_rollouts_every=0", "data.dataset.num_problems=64",
                  f"run.output_dir={tmp}", f"tracking.mlflow_uri=sqlite:///{tmp}/mlflow.db",
-                 f"model.cache_dir={tmp}/tiny", "run.num_steps=2", "checkpoint.every_steps=1",
+                 f"model.cache_dir={tiny_model_path.parent}", "run.num_steps=2", "checkpoint.every_steps=1",
                  # the random tiny model earns no reward without the SFT warm start (zero advantages, zero
                  # gradients): weight decay at a large lr is what moves its weights, enough to show in bf16
                  "learner.optimizer.warmup_steps=0", "learner.optimizer.lr=0.02", "learner.optimizer.weight_decay=0.5"]
