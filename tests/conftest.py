@@ -40,9 +40,15 @@ def shared_ray():
     import ray
 
     if not ray.is_initialized():
+        _shared["metrics_port"] = free_port()
         ray.init(num_cpus=2, include_dashboard=True,  # the state API (tests look up worker pids) needs it
+                 _metrics_export_port=_shared["metrics_port"],
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     return ray
+
+
+_shared: dict[str, int] = {}
+"""The shared cluster's Prometheus port (`metrics_port`), chosen when it starts."""
 
 
 RAY_SINGLETONS = {"_AutoscalingCoordinatorActor"}
@@ -88,6 +94,12 @@ def ray_cluster():
     """The shared cluster for a module's tests (judge apps are started per module)."""
     yield shared_ray()
     leave_shared_ray_clean()
+
+
+@pytest.fixture
+def ray_metrics_url(ray_cluster) -> str:
+    """The shared cluster's Prometheus endpoint (its node's metrics agent), for a module using `ray_cluster`."""
+    return f"http://127.0.0.1:{_shared['metrics_port']}/metrics"
 
 
 @pytest.fixture
