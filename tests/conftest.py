@@ -4,6 +4,7 @@ in-process tests (see `shared_ray`)."""
 import os
 import socket
 import time
+import warnings
 
 import pytest
 
@@ -60,39 +61,64 @@ WIND_DOWN_S = 20.0
 seconds) before the cluster is restarted instead: a restart costs ~10-20 s of start-up on 2 cores."""
 
 
-def leave_shared_ray_clean() -> None:
-    """After a test: Serve down (its proxy holds an HTTP port other tests' clusters need), and a fresh
-    cluster next time if anything of the test is still alive after `WIND_DOWN_S` (e.g. a failed test's
-    learner retrying)."""
+def leave_shared_ray_clean(*, keep_serve: bool = False) -> None:
+    """After a test: Serve down (its proxy holds an HTTP port other tests' clusters need) unless `keep_serve`
+    and no app of the test is left, and a fresh cluster next time if anything of the test is still alive
+    after `WIND_DOWN_S` (e.g. a failed test's learner retrying)."""
     import ray
     from ray import serve
 
     if not ray.is_initialized():
         return
-    serve.shutdown()
+    if not keep_serve or (serve_up() and serve.status().applications):
+        serve.shutdown()
+    kept = SERVE_ACTORS if serve_up() else set()
     deadline = time.monotonic() + WIND_DOWN_S
-    while (left := _alive_actors(ray)) and left != ["?"] and time.monotonic() < deadline:
+    while (left := _alive_actors(ray) - kept) and left != {"?"} and time.monotonic() < deadline:
         time.sleep(0.5)
     if left:
+        warnings.warn(f"the shared Ray cluster restarts: still alive {WIND_DOWN_S:.0f}s after the test: {sorted(left)}",
+                      stacklevel=1)
         ray.shutdown()
 
 
-def _alive_actors(ray) -> list[str]:
+SERVE_ACTORS = {"ServeController", "ProxyActor"}
+"""Serve's own actors, which stay up between in-process runs (`ray_local`)."""
+
+
+def serve_up() -> bool:
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
+def _alive_actors(ray) -> set[str]:
     """Class names of the cluster's live actors, Ray's own singletons left out ("?" without a state API)."""
     from ray.util.state import list_actors
 
     try:
-        alive = [a.class_name for a in list_actors(address=ray.get_runtime_context().gcs_address,
-                                                   filters=[("state", "=", "ALIVE")])]
+        alive = {a.class_name for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                                   filters=[("state", "=", "ALIVE")])}
     except Exception:  # noqa: BLE001 -- no state API: start over rather than guess
-        return ["?"]
-    return [name for name in alive if name not in RAY_SINGLETONS]
+        return {"?"}
+    return alive - RAY_SINGLETONS
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """The shared cluster for a module's tests (judge apps are started per module)."""
-    yield shared_ray()
+    """The shared cluster for a module's tests (judge apps are started per module, Serve with them: one
+    left running by `ray_local` tests is stopped first, so that the module's judge.http_port applies)."""
+    ray = shared_ray()
+    if serve_up():
+        from ray import serve
+
+        serve.shutdown()
+    yield ray
     leave_shared_ray_clean()
 
 
@@ -104,10 +130,18 @@ def ray_metrics_url(ray_cluster) -> str:
 
 @pytest.fixture
 def ray_local(monkeypatch, tmp_path):
-    """The shared cluster for one in-process training run, from the test's own folder."""
+    """The shared cluster for one in-process training run, from the test's own folder. Serve runs on it from
+    one such test to the next (its controller and HTTP proxy start once, not once per run: ~14 s of CPU each
+    on 2 cores); a run finds it running and deploys its judge apps there, on its proxy's port."""
     monkeypatch.chdir(tmp_path)
-    yield shared_ray()
-    leave_shared_ray_clean()
+    ray = shared_ray()
+    if not serve_up():
+        from ray import serve
+
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
+                    logging_config={"log_level": "WARNING", "enable_access_log": False})  # as the driver's
+    yield ray
+    leave_shared_ray_clean(keep_serve=True)
 
 
 @pytest.fixture

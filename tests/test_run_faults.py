@@ -196,12 +196,16 @@ def test_hung_weight_sync_fails_with_a_clear_error_naming_the_actor(ray_local):
         def join_weight_group(self, spec):
             time.sleep(3600)
 
-    sender = WeightBroadcaster(receivers=[NeverJoins.remote()], rank=0, backend="gloo", timeout_s=5,
+    receiver = NeverJoins.remote()
+    sender = WeightBroadcaster(receivers=[receiver], rank=0, backend="gloo", timeout_s=5,
                                bucket_bytes=1 << 20, dtype=torch.float32, device=torch.device("cpu"))
     start = time.time()
-    with pytest.raises(SyncTimeout, match=r"generation actor\(s\) \[0\] did not join the weight broadcast group "
-                                          r"within sync.timeout_s=5s"):
-        sender.connect()
+    try:
+        with pytest.raises(SyncTimeout, match=r"generation actor\(s\) \[0\] did not join the weight broadcast "
+                                              r"group within sync.timeout_s=5s"):
+            sender.connect()
+    finally:
+        ray_local.kill(receiver)  # the shared cluster goes on without it
     assert time.time() - start < 30  # the timeout, not a hang
 
 
