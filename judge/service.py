@@ -62,8 +62,9 @@ def start_judge(cfg: JudgeConfig) -> JudgeService:
     # per-request access lines would flood the job log (thousands a step); they stay in Serve's log files
     quiet = {"log_level": "WARNING", "enable_access_log": False}  # serve.start's covers only the proxy and controller
     started_serve = not _serve_running()
-    serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port}, logging_config=quiet)
-    base = f"http://{_client_host(cfg.http_host)}:{cfg.http_port}"
+    if started_serve:
+        serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port}, logging_config=quiet)
+    base = _proxy_base(cfg)
     llm, apps = cfg.llm, [REWARD_APP]
     if isinstance(llm, LexicalJudgeConfig):
         serve.run(LexicalJudgeServer.bind(), name=JUDGE_LLM_APP, route_prefix=f"/{JUDGE_LLM_APP}",
@@ -99,6 +100,20 @@ def _serve_running() -> bool:
         return True
     except ValueError:
         return False
+
+
+def _proxy_base(cfg: JudgeConfig) -> str:
+    """The HTTP proxy's address. Serve already running on the cluster keeps its own http options (serve.start
+    does not change them): its proxy is where the apps are reached, whatever judge.http_host/http_port say."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    http = ray.get(controller.get_http_config.remote())
+    if (http.host, http.port) != (cfg.http_host, cfg.http_port):
+        log.warning("Serve was already running with its HTTP proxy on %s:%d; the judge is reached there, not at "
+                    "judge.http_host:http_port=%s:%d", http.host, http.port, cfg.http_host, cfg.http_port)
+    return f"http://{_client_host(http.host)}:{http.port}"
 
 
 def _client_host(host: str) -> str:

@@ -3,6 +3,8 @@ in-process tests (see `shared_ray`)."""
 
 import os
 import socket
+import time
+import warnings
 
 import pytest
 
@@ -39,47 +41,107 @@ def shared_ray():
     import ray
 
     if not ray.is_initialized():
+        _shared["metrics_port"] = free_port()
         ray.init(num_cpus=2, include_dashboard=True,  # the state API (tests look up worker pids) needs it
+                 _metrics_export_port=_shared["metrics_port"],
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     return ray
+
+
+_shared: dict[str, int] = {}
+"""The shared cluster's Prometheus port (`metrics_port`), chosen when it starts."""
 
 
 RAY_SINGLETONS = {"_AutoscalingCoordinatorActor"}
 """Ray's own detached actors that outlive a run by design (Ray Train starts this one)."""
 
 
-def leave_shared_ray_clean() -> None:
-    """After a test: Serve down (its proxy holds an HTTP port other tests' clusters need), and a fresh
-    cluster next time if anything of the test is still alive (e.g. a failed test's learner retrying)."""
+WIND_DOWN_S = 20.0
+"""How long a finished run's actors may take to end (Ray Train's DatasetManager outlives `fit()` by a few
+seconds) before the cluster is restarted instead: a restart costs ~10-20 s of start-up on 2 cores."""
+
+
+def leave_shared_ray_clean(*, keep_serve: bool = False) -> None:
+    """After a test: Serve down (its proxy holds an HTTP port other tests' clusters need) unless `keep_serve`
+    and no app of the test is left, and a fresh cluster next time if anything of the test is still alive
+    after `WIND_DOWN_S` (e.g. a failed test's learner retrying)."""
     import ray
     from ray import serve
-    from ray.util.state import list_actors
 
     if not ray.is_initialized():
         return
-    serve.shutdown()
-    try:
-        alive = [a.class_name for a in list_actors(address=ray.get_runtime_context().gcs_address,
-                                                   filters=[("state", "=", "ALIVE")])]
-    except Exception:  # noqa: BLE001 -- no state API: start over rather than guess
-        alive = ["?"]
-    if [name for name in alive if name not in RAY_SINGLETONS]:
+    if not keep_serve or (serve_up() and serve.status().applications):
+        serve.shutdown()
+    kept = SERVE_ACTORS if serve_up() else set()
+    deadline = time.monotonic() + WIND_DOWN_S
+    while (left := _alive_actors(ray) - kept) and left != {"?"} and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if left:
+        warnings.warn(f"the shared Ray cluster restarts: still alive {WIND_DOWN_S:.0f}s after the test: {sorted(left)}",
+                      stacklevel=1)
         ray.shutdown()
+
+
+SERVE_ACTORS = {"ServeController", "ProxyActor"}
+"""Serve's own actors, which stay up between in-process runs (`ray_local`)."""
+
+
+def serve_up() -> bool:
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
+def _alive_actors(ray) -> set[str]:
+    """Class names of the cluster's live actors, Ray's own singletons left out ("?" without a state API)."""
+    from ray.util.state import list_actors
+
+    try:
+        alive = {a.class_name for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                                   filters=[("state", "=", "ALIVE")])}
+    except Exception:  # noqa: BLE001 -- no state API: start over rather than guess
+        return {"?"}
+    return alive - RAY_SINGLETONS
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """The shared cluster for a module's tests (judge apps are started per module)."""
-    yield shared_ray()
+    """The shared cluster for a module's tests (judge apps are started per module, Serve with them: one
+    left running by `ray_local` tests is stopped first, so that the module's judge.http_port applies)."""
+    ray = shared_ray()
+    if serve_up():
+        from ray import serve
+
+        serve.shutdown()
+    yield ray
     leave_shared_ray_clean()
 
 
 @pytest.fixture
+def ray_metrics_url(ray_cluster) -> str:
+    """The shared cluster's Prometheus endpoint (its node's metrics agent), for a module using `ray_cluster`."""
+    return f"http://127.0.0.1:{_shared['metrics_port']}/metrics"
+
+
+@pytest.fixture
 def ray_local(monkeypatch, tmp_path):
-    """The shared cluster for one in-process training run, from the test's own folder."""
+    """The shared cluster for one in-process training run, from the test's own folder. Serve runs on it from
+    one such test to the next (its controller and HTTP proxy start once, not once per run: ~14 s of CPU each
+    on 2 cores); a run finds it running and deploys its judge apps there, on its proxy's port."""
     monkeypatch.chdir(tmp_path)
-    yield shared_ray()
-    leave_shared_ray_clean()
+    ray = shared_ray()
+    if not serve_up():
+        from ray import serve
+
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
+                    logging_config={"log_level": "WARNING", "enable_access_log": False})  # as the driver's
+    yield ray
+    leave_shared_ray_clean(keep_serve=True)
 
 
 @pytest.fixture

@@ -1,10 +1,12 @@
 """`perception-r1 export` and `eval` on a run: one 2-step run of the tiny model through the real driver,
 exported, loaded with transformers (its weights are the checkpoint's, cast to bf16, and no longer the
 initial model's) and evaluated on the synthetic set from the run folder and from the export; the
-errors name the fix."""
+errors name the fix. The same run's system metrics are on the cluster's Prometheus endpoint."""
 
 import json
 import socket
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ import torch
 from perception_r1.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+RUN_NAME = "export-run"
+"""The run's name, which tags its metrics (other modules' runs on the shared cluster are `demo-cpu`)."""
 
 
 def free_port() -> int:
@@ -22,7 +26,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, ray_cluster):
+def run_dir(tmp_path_factory, tiny_model_path, ray_cluster):
     """A finished 2-step run with a checkpoint at each step (module-scoped: one training run for all tests)."""
     from core.config_files import load_config
     from perception_r1.driver import train
@@ -31,8 +35,9 @@ def run_dir(tmp_path_factory, ray_cluster):
     overrides = [f"judge.http_port={free_port()}", "sft.enabled=false", "rollout.samples_per_prompt=4",
                  "rollout.max_new_tokens=24", "learner.prompts_per_step=2", "buffer.max_groups=8",
                  "tracking.progress_bar=false", "tracking.log_rollouts_every=0", "data.dataset.num_problems=64",
-                 f"run.output_dir={tmp}", f"tracking.mlflow_uri=sqlite:///{tmp}/mlflow.db",
-                 f"model.cache_dir={tmp}/tiny", "run.num_steps=2", "checkpoint.every_steps=1", "validation.every_steps=1",
+                 f"run.name={RUN_NAME}", f"run.output_dir={tmp}", f"tracking.mlflow_uri=sqlite:///{tmp}/mlflow.db",
+                 f"model.cache_dir={tiny_model_path.parent}", "run.num_steps=2", "checkpoint.every_steps=1",
+                 "validation.every_steps=1",
                  # the random tiny model earns no reward without the SFT warm start (zero advantages, zero
                  # gradients): weight decay at a large lr is what moves its weights, enough to show in bf16
                  "learner.optimizer.warmup_steps=0", "learner.optimizer.lr=0.02", "learner.optimizer.weight_decay=0.5"]
@@ -211,3 +216,23 @@ def test_a_damaged_shard_is_a_clear_error(tmp_path):
         shard.write_bytes(shard.read_bytes()[:10])  # truncated, as by a full disk
     with pytest.raises(ValueError, match=r"could not be read .*use another checkpoint"):
         read_model_state(path, dtype=torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_system_metrics_on_the_ray_metrics_endpoint(run_dir, ray_metrics_url):
+    """The run's system gauges (last values kept after the run) are on the node's Prometheus endpoint,
+    tagged with the run's name; per-actor series are tagged with the actor."""
+    wanted = [f"perception_r1_{name}" for name in ("reward_total", "gen_tokens_per_s", "buffer_depth",
+                                                     "learner_step_seconds", "sync_seconds", "judge_latency_p50_s",
+                                                     "judge_failures")]
+    ours, deadline = [], time.time() + 60  # exported every metrics_report_interval_ms (10 s by default)
+    while time.time() < deadline and not all(any(name in line for line in ours) for name in wanted):
+        time.sleep(1)
+        try:
+            found = urllib.request.urlopen(ray_metrics_url, timeout=5).read().decode()
+        except OSError:
+            found = ""
+        ours = [line for line in found.splitlines() if f'run="{RUN_NAME}"' in line]
+    for name in wanted:
+        assert any(name in line for line in ours), (name, ours[-20:])
+    assert any("perception_r1_gen_tokens_per_s" in line and 'actor="0"' in line for line in ours), ours[-20:]

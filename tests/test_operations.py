@@ -1,5 +1,6 @@
 """Operating a run: resume after SIGKILL continues exactly, a corrupt newest checkpoint falls back,
-`ray job submit` against a running head node, the system's own metrics on the Ray metrics endpoint."""
+`ray job submit` against a running head node, SIGTERM and SIGINT stop it cleanly. (The system's own
+metrics on the Ray metrics endpoint are checked on test_export.py's run.)"""
 
 import json
 import logging
@@ -23,10 +24,11 @@ SMALL = ["sft.enabled=false", "rollout.samples_per_prompt=4", "rollout.max_new_t
          "data.dataset.num_problems=64"]
 
 
-def overrides(tmp_path: Path, *extra: str) -> list[str]:
-    """A short CPU run in the test's folder, with its own Serve port (tests may run side by side)."""
+def overrides(tmp_path: Path, tiny_model: Path, *extra: str) -> list[str]:
+    """A short CPU run in the test's folder, with its own Serve port (tests may run side by side), on the
+    session's tiny model (`tiny_model_path`: built once, not once per run)."""
     return [*SMALL, f"judge.http_port={free_port()}", f"run.output_dir={tmp_path}", f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db",
-            f"model.cache_dir={tmp_path}/tiny", *extra]
+            f"model.cache_dir={tiny_model.parent}", *extra]
 
 
 def cli(args: list[str], *, env=None, **kw) -> subprocess.Popen:
@@ -71,9 +73,9 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
 # ------------------------------------------------------------------------------------------- resume
 @pytest.mark.slow
 @pytest.mark.reliability(fault="driver SIGKILLed mid-run, then `--resume`", outcome="continues from the newest complete checkpoint: every prompt trained exactly once, policy_version and AdamW state continue, one mlflow run")
-def test_sigkill_then_resume_continues_exactly(tmp_path):
+def test_sigkill_then_resume_continues_exactly(tmp_path, tiny_model_path):
     args = ["train", "configs/demo-cpu.yaml", *sum((["--set", o] for o in overrides(
-        tmp_path, "run.num_steps=8", "checkpoint.every_steps=2", "checkpoint.keep=5")), [])]
+        tmp_path, tiny_model_path, "run.num_steps=8", "checkpoint.every_steps=2", "checkpoint.keep=5")), [])]
     run_dir = tmp_path / "demo-cpu"
     first = cli(args)
     deadline = time.time() + 300
@@ -108,7 +110,7 @@ def test_sigkill_then_resume_continues_exactly(tmp_path):
 
 # ------------------------------------------------------------------------------------- ray job submit
 @pytest.mark.slow
-def test_ray_job_submit_against_a_running_head(tmp_path):
+def test_ray_job_submit_against_a_running_head(tmp_path, tiny_model_path):
     from ray.job_submission import JobStatus
 
     dash = free_port()
@@ -126,7 +128,7 @@ def test_ray_job_submit_against_a_running_head(tmp_path):
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})  # as if run in the venv
     try:
         client = wait_for_jobs_api(f"http://127.0.0.1:{dash}")
-        sets = " ".join(f"--set {o}" for o in overrides(tmp_path, "run.num_steps=2", "checkpoint.every_steps=0"))
+        sets = " ".join(f"--set {o}" for o in overrides(tmp_path, tiny_model_path, "run.num_steps=2", "checkpoint.every_steps=0"))
         job = submit_when_ready(client, entrypoint=f"perception-r1 train configs/demo-cpu.yaml {sets}",
                                 runtime_env={"working_dir": str(REPO)}, diagnose=lambda: head_diagnosis(head_log, ray_tmp))
         deadline = time.time() + 400
@@ -197,42 +199,12 @@ def wait_for_jobs_api(address: str):
             time.sleep(1)
 
 
-# ------------------------------------------------------------------------------------- metrics endpoint
-@pytest.mark.slow
-def test_system_metrics_on_the_ray_metrics_endpoint(tmp_path, monkeypatch, own_ray):
-    """A short run on a cluster that exports metrics every second: the system's gauges (last values
-    kept after the run) are on the node's Prometheus endpoint, per-actor series tagged."""
-    import ray
-
-    from core.config_files import load_config
-    from perception_r1.driver import train
-
-    monkeypatch.chdir(tmp_path)
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=port,
-             _system_config={"metrics_report_interval_ms": 1000})
-    cfg = load_config(REPO / "configs" / "demo-cpu.yaml", overrides(tmp_path, "run.num_steps=6"))
-    assert train(cfg).final_version == 6
-    wanted = ("perception_r1_reward_total", "perception_r1_gen_tokens_per_s")
-    found, deadline = "", time.time() + 60
-    while time.time() < deadline and not all(name in found for name in wanted):
-        time.sleep(1)
-        try:
-            found = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        except OSError:
-            found = ""
-    assert "perception_r1_reward_total" in found, found[-2000:]
-    assert 'actor="0"' in found  # per-actor series are tagged
-    for name in ("buffer_depth", "learner_step_seconds", "sync_seconds", "judge_latency_p50_s", "judge_failures"):
-        assert f"perception_r1_{name}" in found, name
-
-
 @pytest.mark.slow
 @pytest.mark.reliability(fault="SIGTERM (`ray job stop`, Ctrl-C)", outcome="the buffer closes, the learner checkpoints, mlflow run KILLED, exit 130")
-def test_sigterm_checkpoints_and_stops_cleanly(tmp_path):
+def test_sigterm_checkpoints_and_stops_cleanly(tmp_path, tiny_model_path):
     """What `ray job stop` (and Ctrl-C) does: the run closes the buffer, the learner checkpoints, exit 130."""
     args = ["train", "configs/demo-cpu.yaml", *sum((["--set", o] for o in overrides(
-        tmp_path, "run.num_steps=200", "checkpoint.every_steps=0")), [])]
+        tmp_path, tiny_model_path, "run.num_steps=200", "checkpoint.every_steps=0")), [])]
     run_dir = tmp_path / "demo-cpu"
     proc = cli(args)
     deadline = time.time() + 300
@@ -259,10 +231,10 @@ def test_sigterm_checkpoints_and_stops_cleanly(tmp_path):
 @pytest.mark.reliability(fault="a second run started in a busy run folder; SIGINT seconds after Ray starts",
                          outcome="the second is refused at once (exit 2) naming the first; the first stops within "
                                  "seconds (exit 130, mlflow KILLED), nothing trained, no checkpoint")
-def test_second_run_is_refused_and_an_early_sigint_stops_the_first(tmp_path):
+def test_second_run_is_refused_and_an_early_sigint_stops_the_first(tmp_path, tiny_model_path):
     import threading
 
-    args = ["train", "configs/demo-cpu.yaml", *sum((["--set", o] for o in overrides(tmp_path, "run.num_steps=50")), [])]
+    args = ["train", "configs/demo-cpu.yaml", *sum((["--set", o] for o in overrides(tmp_path, tiny_model_path, "run.num_steps=50")), [])]
     first, lines = cli(args), []
     threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True).start()
 

@@ -15,12 +15,13 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def small(tmp_path: Path, *extra: str) -> list[str]:
-    """A short CPU run in the test's folder, with its own Serve port (tests may run side by side)."""
+def small(tmp_path: Path, tiny_model: Path, *extra: str) -> list[str]:
+    """A short CPU run in the test's folder, with its own Serve port (tests may run side by side), on the
+    session's tiny model (`tiny_model_path`: built once, not once per run)."""
     return [f"judge.http_port={free_port()}", "sft.enabled=false", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=24",
             "learner.prompts_per_step=2", "buffer.max_groups=8", "tracking.progress_bar=false",
             "tracking.log_rollouts_every=0", "data.dataset.num_problems=64", f"run.output_dir={tmp_path}",
-            f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db", f"model.cache_dir={tmp_path}/tiny",
+            f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db", f"model.cache_dir={tiny_model.parent}",
             "sync.timeout_s=60", *extra]
 
 
@@ -85,11 +86,11 @@ def restarted_pid(ray, actor, *, timeout: float) -> int:
 
 
 @pytest.mark.reliability(fault="generation actor SIGKILLed mid-run", outcome="Ray restarts it, it rejoins the weight group; its in-flight prompts are requeued (counted); the run finishes; no prompt trained twice")
-def test_killed_generation_actor_is_restarted_and_the_run_goes_on(ray_local, tmp_path):
+def test_killed_generation_actor_is_restarted_and_the_run_goes_on(ray_local, tmp_path, tiny_model_path):
     from core.config_files import load_config
 
     cfg = load_config(REPO / "configs" / "demo-cpu.yaml",
-                      small(tmp_path, "run.num_steps=10", "rollout.num_actors=2", "rollout.max_restarts=2"))
+                      small(tmp_path, tiny_model_path, "run.num_steps=10", "rollout.num_actors=2", "rollout.max_restarts=2"))
     thread, out = run_in_thread(cfg)
     run_dir = tmp_path / "demo-cpu"
     wait_steps(run_dir, 3)
@@ -106,11 +107,11 @@ def test_killed_generation_actor_is_restarted_and_the_run_goes_on(ray_local, tmp
 
 
 @pytest.mark.reliability(fault="learner worker SIGKILLed mid-run", outcome="Ray Train restarts it from the newest checkpoint (updates after it are lost with the worker), actors rejoin its broadcast group, the buffer rewinds, the batch it had taken but not trained is requeued (counted); the run finishes; no group trained twice")
-def test_killed_learner_worker_restarts_from_the_newest_checkpoint(ray_local, tmp_path):
+def test_killed_learner_worker_restarts_from_the_newest_checkpoint(ray_local, tmp_path, tiny_model_path):
     from core.config_files import load_config
 
     cfg = load_config(REPO / "configs" / "demo-cpu.yaml",
-                      small(tmp_path, "run.num_steps=24", "checkpoint.every_steps=2", "learner.max_restarts=1"))
+                      small(tmp_path, tiny_model_path, "run.num_steps=24", "checkpoint.every_steps=2", "learner.max_restarts=1"))
     thread, out = run_in_thread(cfg)
     run_dir = tmp_path / "demo-cpu"
     deadline = time.time() + 240
@@ -138,11 +139,11 @@ def test_killed_learner_worker_restarts_from_the_newest_checkpoint(ray_local, tm
 
 
 @pytest.mark.reliability(fault="judge statistics board SIGKILLed, later the replay buffer SIGKILLed", outcome="the board is restarted and training goes on; the buffer's death stops the run naming it, after the learner checkpoints its last step (completed by the driver); nothing trained twice; no .tmp left")
-def test_killed_stats_board_is_harmless_and_a_killed_buffer_stops_the_run_keeping_its_steps(ray_local, tmp_path):
+def test_killed_stats_board_is_harmless_and_a_killed_buffer_stops_the_run_keeping_its_steps(ray_local, tmp_path, tiny_model_path):
     from core.config_files import load_config
     from perception_r1.driver import RunFailed
 
-    cfg = load_config(REPO / "configs" / "demo-cpu.yaml", small(tmp_path, "run.num_steps=60", "checkpoint.every_steps=0"))
+    cfg = load_config(REPO / "configs" / "demo-cpu.yaml", small(tmp_path, tiny_model_path, "run.num_steps=60", "checkpoint.every_steps=0"))
     thread, out = run_in_thread(cfg)
     run_dir = tmp_path / "demo-cpu"
     wait_steps(run_dir, 2)
@@ -160,12 +161,12 @@ def test_killed_stats_board_is_harmless_and_a_killed_buffer_stops_the_run_keepin
 
 
 @pytest.mark.reliability(fault="the learner's report queue SIGKILLed mid-run", outcome="the learner stops and checkpoints with the reports it could not deliver; the driver logs those steps and completes the checkpoint; the run stops naming the cause; nothing lost, nothing trained twice")
-def test_killed_report_queue_stops_the_run_and_salvages_the_last_steps(ray_local, tmp_path):
+def test_killed_report_queue_stops_the_run_and_salvages_the_last_steps(ray_local, tmp_path, tiny_model_path):
     from core.config_files import load_config
     from perception_r1.driver import RunFailed
     from perception_r1.run_checkpoints import read_driver_state
 
-    cfg = load_config(REPO / "configs" / "demo-cpu.yaml", small(tmp_path, "run.num_steps=60", "checkpoint.every_steps=0"))
+    cfg = load_config(REPO / "configs" / "demo-cpu.yaml", small(tmp_path, tiny_model_path, "run.num_steps=60", "checkpoint.every_steps=0"))
     thread, out = run_in_thread(cfg)
     run_dir = tmp_path / "demo-cpu"
     wait_steps(run_dir, 3)
@@ -195,12 +196,16 @@ def test_hung_weight_sync_fails_with_a_clear_error_naming_the_actor(ray_local):
         def join_weight_group(self, spec):
             time.sleep(3600)
 
-    sender = WeightBroadcaster(receivers=[NeverJoins.remote()], rank=0, backend="gloo", timeout_s=5,
+    receiver = NeverJoins.remote()
+    sender = WeightBroadcaster(receivers=[receiver], rank=0, backend="gloo", timeout_s=5,
                                bucket_bytes=1 << 20, dtype=torch.float32, device=torch.device("cpu"))
     start = time.time()
-    with pytest.raises(SyncTimeout, match=r"generation actor\(s\) \[0\] did not join the weight broadcast group "
-                                          r"within sync.timeout_s=5s"):
-        sender.connect()
+    try:
+        with pytest.raises(SyncTimeout, match=r"generation actor\(s\) \[0\] did not join the weight broadcast "
+                                              r"group within sync.timeout_s=5s"):
+            sender.connect()
+    finally:
+        ray_local.kill(receiver)  # the shared cluster goes on without it
     assert time.time() - start < 30  # the timeout, not a hang
 
 
@@ -227,12 +232,12 @@ def mlflow_history(tmp_path: Path, run_dir: Path, key: str) -> list[float]:
 
 
 @pytest.mark.reliability(fault="judge endpoint returns 5xx, then refuses connections, then comes back", outcome="fallback rewards, counted; the circuit breaker opens and closes; training continues and recovers")
-def test_judge_down_erroring_and_back_training_continues(ray_local, tmp_path, monkeypatch):
+def test_judge_down_erroring_and_back_training_continues(ray_local, tmp_path, tiny_model_path, monkeypatch):
     from core.config_files import load_config
 
     monkeypatch.setenv("FAULT_TEST_JUDGE_KEY", "k")
     judge = fake_judge()
-    cfg = load_config(REPO / "configs" / "demo-cpu.yaml", small(tmp_path, "run.num_steps=24", *judge_overrides(
+    cfg = load_config(REPO / "configs" / "demo-cpu.yaml", small(tmp_path, tiny_model_path, "run.num_steps=24", *judge_overrides(
         judge.url, "judge.timeout_s=2", "judge.max_retries=0", "judge.breaker_failures=4", "judge.breaker_reset_s=2")))
     thread, out = run_in_thread(cfg)
     run_dir = tmp_path / "demo-cpu"
@@ -254,7 +259,7 @@ def test_judge_down_erroring_and_back_training_continues(ray_local, tmp_path, mo
 
 
 @pytest.mark.reliability(fault="judge ~10x slower than generation", outcome="producers wait at the reservation window; nothing dropped; staleness within bound")
-def test_slow_judge_is_back_pressure_not_a_stall(ray_local, tmp_path, monkeypatch):
+def test_slow_judge_is_back_pressure_not_a_stall(ray_local, tmp_path, tiny_model_path, monkeypatch):
     """A judge ~10x slower than generation: in-flight scoring holds the reservation window, so the
     actors pause; nothing is dropped, staleness stays within its bound, the run finishes."""
     from core.config_files import load_config
@@ -262,12 +267,11 @@ def test_slow_judge_is_back_pressure_not_a_stall(ray_local, tmp_path, monkeypatc
     monkeypatch.setenv("FAULT_TEST_JUDGE_KEY", "k")
     judge = fake_judge()
     judge.mode, judge.stall_s = "stall", 1.5  # a group of 4 rollouts generates in ~0.15 s here
-    cfg = load_config(REPO / "configs" / "demo-cpu.yaml", small(tmp_path, "run.num_steps=5", *judge_overrides(
+    cfg = load_config(REPO / "configs" / "demo-cpu.yaml", small(tmp_path, tiny_model_path, "run.num_steps=5", *judge_overrides(
         judge.url, "judge.timeout_s=30")))
     thread, out = run_in_thread(cfg)
     thread.join(timeout=400)
     result = out["result"]
-    run_dir = tmp_path / "demo-cpu"
     assert result.final_version == 5
     window = (cfg.buffer.max_staleness + 1) * cfg.learner.prompts_per_step
     held = [m["buffer/reserved"] + m["buffer/depth"] for _, m in result.history]

@@ -64,6 +64,19 @@ def test_http_rejects_a_bad_body(service):
     assert reply.status_code == 400 and "not a msgpack RolloutGroup" in reply.text
 
 
+def test_serve_already_running_keeps_its_proxy_port(service, cfg, caplog):
+    """A judge started where Serve already runs is reached at that proxy, not at judge.http_port (which
+    serve.start cannot change then); the mismatch is logged."""
+    import logging
+
+    from judge.service import _proxy_base
+
+    with caplog.at_level(logging.WARNING, logger="judge.service"):
+        assert _proxy_base(JudgeConfig(http_port=free_port())) == f"http://127.0.0.1:{cfg.http_port}"
+    assert "Serve was already running with its HTTP proxy on 127.0.0.1:" in caplog.text
+    assert service.url == f"http://127.0.0.1:{cfg.http_port}/reward/score"
+
+
 def test_lexical_judge_speaks_openai(service, cfg):
     from openai import OpenAI
 
