@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
     from core.openai_calls import FatalEndpointError, RequestFailed
     from core.progress_log import check_manifest
+    from perception_r1.forced_exit import forced_exit_after_sigint
 
     if args.model_path and (Path(args.model_path) / "checkpoints").is_dir():
         args.model_path = str(_export_run(Path(args.model_path)))
@@ -92,14 +93,16 @@ def run(args: argparse.Namespace) -> int:
     check_manifest(output_dir, key="eval", value=_settings(args))
     items = _load(benchmarks, args)
     responder = _responder(args)
+    stopped = f"\ninterrupted: finished items are saved in {output_dir}; rerun the same command to resume"
     try:
-        rows, stats = asyncio.run(_evaluate(items, responder, args, output_dir / "results.jsonl"))
+        with forced_exit_after_sigint(stopped):
+            rows, stats = asyncio.run(_evaluate(items, responder, args, output_dir / "results.jsonl"))
     except (FatalEndpointError, RequestFailed) as e:
         print(f"perception-r1 eval: {e}\nfinished items are saved in {output_dir}; rerun the same command to resume",
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished items are saved in {output_dir}; rerun the same command to resume", file=sys.stderr)
+        print(stopped, file=sys.stderr)
         return 130
     _report(rows, args, output_dir, stats)
     return 0

@@ -67,17 +67,20 @@ def run(args: argparse.Namespace) -> int:
     from core.openai_calls import FatalEndpointError
     from dataprep.loaders import LoadResult, read_prompts
     from dataprep.pipeline import prepare
+    from perception_r1.forced_exit import forced_exit_after_sigint
 
     loaded = read_prompts(args.input, on_bad_row=args.on_bad_row)
     if args.limit is not None:
         loaded = LoadResult(loaded.prompts[: args.limit], loaded.skipped, loaded.source_format)
+    stopped = f"\ninterrupted: finished problems are saved in {args.output_dir}; rerun the same command to resume"
     try:
-        report = asyncio.run(prepare(loaded, stages=stages, settings=settings, input_path=str(args.input)))
+        with forced_exit_after_sigint(stopped):
+            report = asyncio.run(prepare(loaded, stages=stages, settings=settings, input_path=str(args.input)))
     except FatalEndpointError as e:
         print(f"perception-r1 prepare-data: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished problems are saved in {args.output_dir}; rerun the same command to resume", file=sys.stderr)
+        print(stopped, file=sys.stderr)
         return 130
     print(summary(report))
     if args.stage in NEXT_STAGE:
