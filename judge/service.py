@@ -61,7 +61,7 @@ def start_judge(cfg: JudgeConfig) -> JudgeService:
 
     # per-request access lines would flood the job log (thousands a step); they stay in Serve's log files
     quiet = {"log_level": "WARNING", "enable_access_log": False}  # serve.start's covers only the proxy and controller
-    started_serve = not _serve_running()
+    started_serve = not serve_running()
     if started_serve:
         serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port}, logging_config=quiet)
     base = _proxy_base(cfg)
@@ -91,7 +91,8 @@ def start_judge(cfg: JudgeConfig) -> JudgeService:
                         started_serve=started_serve)
 
 
-def _serve_running() -> bool:
+def serve_running() -> bool:
+    """Whether Serve's controller runs on the connected cluster."""
     import ray
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 

@@ -87,14 +87,9 @@ SERVE_ACTORS = {"ServeController", "ProxyActor"}
 
 
 def serve_up() -> bool:
-    import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    from judge.service import serve_running
 
-    try:
-        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-        return True
-    except ValueError:
-        return False
+    return serve_running()
 
 
 def _alive_actors(ray) -> set[str]:
