@@ -1,19 +1,25 @@
 """The GPU generation engine: vLLM's AsyncLLM on its own event-loop thread inside the generation actor.
 
-Several generate() calls run at once (the actor's `generate` concurrency group is sized for it), so
-the engine batches across them. A weight update does not drain the engine: it pauses scheduling
-(running requests keep their KV cache), receives the broadcast straight into the workers through
-vLLM's NCCL weight-transfer API, bumps the version and resumes; requests that spanned it carry
+Several calls run at once (the actor's `generate` concurrency group is sized for the dispatcher's
+target of sequences in flight), so the engine batches across them, and `stream` hands back each
+prompt's group as soon as it finishes: a call's long tail holds only its own slots. Prompt preparation
+(image decoding, chat template) runs on a small thread pool, off the loop that handles vLLM's outputs.
+
+A weight update does not drain the engine: it pauses scheduling and drops every cache the old weights
+computed (running requests are preempted and recomputed after the update, keeping what they sampled;
+prefix, multimodal and encoder caches are reset), receives the broadcast straight into the workers
+through vLLM's NCCL weight-transfer API, bumps the version and resumes; requests that spanned it carry
 min_version < max_version. All vLLM-version-specific calls go through core/vllm_compat.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -39,9 +45,10 @@ class VLLMEngine:
         self.thread = threading.Thread(target=self.loop.run_forever, name="vllm-loop", daemon=True)
         self.thread.start()
         self.engine = self._call(_make(model_path, cfg, seed, kv_cache_memory_bytes))
+        self.prepare_pool = concurrent.futures.ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="vllm-prepare")
         self._version = 0
         self._ids = itertools.count()
-        self._packed_bytes = 1 << 30
+        self._timeout_s = DEFAULT_UPDATE_TIMEOUT_S
 
     @property
     def version(self) -> int:
@@ -52,22 +59,27 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------------------------ generate
     def generate(self, prompts: Sequence[Prompt], *, sampling: Sampling, actor_id: int) -> list[RolloutGroup]:
-        return self._call(self._generate(prompts, sampling, actor_id))
+        groups = dict(self.stream(prompts, sampling=sampling, actor_id=actor_id))
+        return [groups[i] for i in range(len(prompts))]
 
-    async def _generate(self, prompts: Sequence[Prompt], sampling: Sampling, actor_id: int) -> list[RolloutGroup]:
-        return list(await asyncio.gather(*[self._one(p, sampling, actor_id, sampling.seed + i)
-                                           for i, p in enumerate(prompts)]))
+    def stream(self, prompts: Sequence[Prompt], *, sampling: Sampling,
+               actor_id: int) -> Iterator[tuple[int, RolloutGroup]]:
+        """(index in `prompts`, group) as each prompt's group finishes. A refused prompt raises ValueError
+        when its turn comes; the prompts not yet yielded are then cancelled (as when the caller stops early)."""
+        futures = {asyncio.run_coroutine_threadsafe(self._one(p, sampling, actor_id, sampling.seed + i), self.loop): i
+                   for i, p in enumerate(prompts)}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                yield futures[future], future.result()
+        finally:
+            for future in futures:
+                future.cancel()  # cancels the request's task: vLLM aborts it
 
     async def _one(self, prompt: Prompt, sampling: Sampling, actor_id: int, seed: int) -> RolloutGroup:
         start, min_version = time.perf_counter(), self._version
-        image = vl.prepare_image(prompt.image, min_pixels=self.data.min_pixels, max_pixels=self.data.max_pixels,
-                                 source=prompt.id)
-        text = self.processor.apply_chat_template(vl.build_messages(prompt.problem, format_prompt=self.data.format_prompt),
-                                                  add_generation_prompt=True, tokenize=False)
-        params = vllm_compat.sampling_params(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                             max_tokens=sampling.max_new_tokens, seed=seed, suppressed=self.suppressed)
+        engine_prompt = await asyncio.get_running_loop().run_in_executor(self.prepare_pool, self._prepare, prompt)
         final = None
-        async for out in self.engine.generate(vllm_compat.multimodal_prompt(text, image), params,
+        async for out in self.engine.generate(engine_prompt, self.params(prompt, sampling, seed),
                                               request_id=f"p{next(self._ids)}"):
             final = out
         if len(final.prompt_token_ids) > self.data.max_prompt_tokens:
@@ -76,6 +88,19 @@ class VLLMEngine:
         rollouts = tuple(self._rollout(o, min_version) for o in final.outputs)
         return RolloutGroup(prompt=prompt, prompt_token_ids=np.asarray(final.prompt_token_ids, dtype=np.int32),
                             rollouts=rollouts, actor_id=actor_id, generate_seconds=time.perf_counter() - start)
+
+    def _prepare(self, prompt: Prompt) -> dict:
+        """The engine's input for a prompt: the decoded, resized image and the chat-templated text."""
+        image = vl.prepare_image(prompt.image, min_pixels=self.data.min_pixels, max_pixels=self.data.max_pixels,
+                                 source=prompt.id)
+        text = self.processor.apply_chat_template(vl.build_messages(prompt.problem, format_prompt=self.data.format_prompt),
+                                                  add_generation_prompt=True, tokenize=False)
+        return vllm_compat.multimodal_prompt(text, image)
+
+    def params(self, prompt: Prompt, sampling: Sampling, seed: int):
+        """vLLM's sampling parameters of one prompt's request (benchmarks override it to vary lengths)."""
+        return vllm_compat.sampling_params(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                           max_tokens=sampling.max_new_tokens, seed=seed, suppressed=self.suppressed)
 
     def _rollout(self, output, min_version: int) -> Rollout:
         ids, logprobs, text, finish = vllm_compat.completion_fields(output)
@@ -93,24 +118,47 @@ class VLLMEngine:
         self._timeout_s = spec.timeout_s
 
     def receive_weights(self, manifest: WeightManifest) -> None:
-        """Pause (requests keep their state), receive into the workers, bump the version, resume."""
+        """Pause (dropping the old weights' caches), receive into the workers, bump the version, resume."""
         self._call(self._receive(manifest), timeout=self._timeout_s)
 
     async def _receive(self, manifest: WeightManifest) -> None:
-        await vllm_compat.pause(self.engine)
+        await self._update(manifest.version, lambda: vllm_compat.engine_receive(
+            self.engine, names=list(manifest.names), dtype_names=list(manifest.dtypes),
+            shapes=[list(s) for s in manifest.shapes], packed_buffer_bytes=manifest.bucket_bytes))
+
+    def load_weights_from(self, model_dir: str, *, version: int) -> None:
+        """Load a Hugging Face model folder's weights into the running engine as `version`, with the same
+        pause / cache reset / resume as a broadcast (a checkpoint into live engines; the one-GPU tests)."""
+        self._call(self._update(version, lambda: vllm_compat.engine_reload(self.engine, model_dir)),
+                   timeout=self._timeout_s)
+
+    async def _update(self, version: int, load: Callable[[], Awaitable[None]]) -> None:
+        """Pause and drop the old weights' caches, load, stamp the version, resume (even if the load failed)."""
         try:
-            await vllm_compat.engine_receive(self.engine, names=list(manifest.names), dtype_names=list(manifest.dtypes),
-                                             shapes=[list(s) for s in manifest.shapes],
-                                             packed_buffer_bytes=manifest.bucket_bytes)
-            self._version = manifest.version
+            await vllm_compat.pause(self.engine)
+            await load()
+            self._version = version
         finally:
             await vllm_compat.resume(self.engine)
 
     def apply_staged_weights(self) -> bool:
         return False  # weights land in the workers during receive_weights
 
+    def close(self) -> None:
+        """Shut the engine down (its core process and GPU memory) and stop the loop thread."""
+        self.engine.shutdown()
+        self.prepare_pool.shutdown(wait=False, cancel_futures=True)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
     def weight_samples(self, suffixes: Sequence[str]) -> dict[str, list]:
         return self._call(vllm_compat.worker_weight_corners(self.engine, list(suffixes)))
+
+
+PREPARE_THREADS = 4
+"""Threads decoding images and applying the chat template for new requests."""
+DEFAULT_UPDATE_TIMEOUT_S = 600.0
+"""Deadline of a weight update before a weight group is joined (which sets the group's own)."""
 
 
 async def _make(model_path: str, cfg: VLLMEngineConfig, seed: int, kv_cache_memory_bytes: int | None):

@@ -1,7 +1,8 @@
 """Every call into vLLM's version-specific API, in one place, for the pinned vLLM (checked on import).
 
 Used by the vLLM generation engine (actors/vllm_engine.py: engine construction, sampling, outputs,
-pause/resume, the receiving side of a weight update) and by the learner's sender (the trainer side
+pause/resume with the cache resets a weight update needs, the receiving side of a weight update, a reload
+from a model folder) and by the learner's sender (the trainer side
 of vLLM's NCCL weight-transfer group). When vLLM moves, this module is what changes.
 """
 
@@ -34,6 +35,10 @@ def make_async_engine(model_path: str, *, tensor_parallel_size: int, gpu_memory_
     processed (sampled) distribution; for the judge a plain text engine."""
     check_version()
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # avoids minutes of JIT at start (gpu notes)
+    # vLLM forks its engine-core process unless it sees CUDA already initialised; a caller that touched CUDA
+    # in a way vLLM does not detect then dies with "Cannot re-initialize CUDA in forked subprocess". Spawn
+    # always, so the engine never depends on how the calling process started.
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc of weight_corners (a function)
     from vllm.config import WeightTransferConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -64,7 +69,7 @@ def sampling_params(*, n: int, temperature: float, top_p: float, max_tokens: int
     from vllm.sampling_params import RequestOutputKind
 
     return SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1 if temperature > 0 else 1,
-                          max_tokens=max_tokens, seed=seed, logprobs=0, detokenize=True,
+                          max_tokens=max_tokens, seed=seed, logprobs=0, flat_logprobs=True, detokenize=True,
                           skip_special_tokens=True, logit_bias={t: -100.0 for t in suppressed},
                           output_kind=RequestOutputKind.FINAL_ONLY)
 
@@ -77,17 +82,29 @@ def multimodal_prompt(text: str, image) -> dict[str, Any]:
 def completion_fields(output) -> tuple[list[int], list[float], str, str]:
     """(token ids, logprob of each sampled token, text, finish reason) of one CompletionOutput."""
     ids = list(output.token_ids)
-    logprobs = [position[token].logprob for position, token in zip(output.logprobs, ids)]
-    return ids, logprobs, output.text, "length" if output.finish_reason == "length" else "stop"
+    return ids, sampled_logprobs(output.logprobs, ids), output.text, "length" if output.finish_reason == "length" else "stop"
+
+
+def sampled_logprobs(logprobs, ids: list[int]) -> list[float]:
+    """The logprob of each sampled token. With `logprobs=0` and `flat_logprobs=True` vLLM keeps exactly one
+    entry per position, the sampled token's, in one flat list (no per-token dicts); the per-position dict
+    form (`list[dict[int, Logprob]]`) is read too."""
+    flat = getattr(logprobs, "logprobs", None)
+    if flat is not None and len(flat) == len(ids) and list(logprobs.token_ids) == ids:
+        return list(flat)
+    return [position[token].logprob for position, token in zip(logprobs, ids)]
 
 
 async def pause(engine) -> None:
-    """Stop scheduling; running requests stay frozen with their KV cache and resume afterwards."""
-    await engine.pause_generation(mode="keep", clear_cache=False)
+    """Stop scheduling for a weight update, and drop every cache the old weights computed: running requests
+    are preempted (their KV freed; they are recomputed with the new weights after `resume`, keeping the
+    tokens and logprobs sampled so far), then the prefix cache, the multimodal processor cache and the
+    encoder cache (the vision tower's outputs) are reset. vLLM raises if the prefix cache cannot be reset.
+    Nothing is scheduled between this and `resume`, so no KV or image embedding of the old weights survives."""
+    await engine.pause_generation(mode="keep", clear_cache=True)
 
 
 async def resume(engine) -> None:
-    await engine.reset_prefix_cache()  # no new prompt may reuse KV computed by the old weights
     await engine.resume_generation()
 
 
@@ -105,6 +122,12 @@ async def engine_receive(engine, *, names: list[str], dtype_names: list[str], sh
         "names": names, "dtype_names": dtype_names, "shapes": shapes, "packed": True,
         "packed_buffer_size_bytes": packed_buffer_bytes}))
     await engine.finish_weight_update()
+
+
+async def engine_reload(engine, model_dir: str) -> None:
+    """Every worker loads a Hugging Face model folder's safetensors into its live model (vLLM's layer-wise
+    reload, the path a weight-transfer update takes, names mapped by the model's `load_weights`)."""
+    await engine.collective_rpc("reload_weights", kwargs={"weights_path": model_dir})
 
 
 async def worker_weight_corners(engine, suffixes: list[str]) -> dict[str, list]:

@@ -3,6 +3,9 @@ learns, NCCL weight sync into a running engine, and two steps of the whole syste
 
 import functools
 import math
+import time
+
+import numpy as np
 
 import pytest
 import ray
@@ -33,10 +36,11 @@ def test_vllm_engine_groups_match_learner_encoding(tiny_vl):
     from learner.trainer import Learner
 
     data = DataConfig()
-    engine = VLLMEngine(tiny_vl, cfg=VLLMCfg(enforce_eager=True, max_model_len=4096), data=data, seed=0,
-                        kv_cache_memory_bytes=2 << 30)
+    engine = VLLMEngine(tiny_vl, cfg=VLLMCfg(enforce_eager=True, max_model_len=4096, gpu_memory_utilization=0.3),
+                        data=data, seed=0, kv_cache_memory_bytes=2 << 30)
     groups = engine.generate(make_problems(SyntheticDataConfig(num_problems=3))[:3],
                              sampling=Sampling(n=4, temperature=1.0, top_p=1.0, max_new_tokens=16), actor_id=0)
+    engine.close()
     assert [len(g.rollouts) for g in groups] == [4, 4, 4]
     for g in groups:
         for r in g.rollouts:
@@ -49,6 +53,65 @@ def test_vllm_engine_groups_match_learner_encoding(tiny_vl):
     behaviour = torch.cat([s.behaviour_logprobs for s in seqs])
     # bf16 engine vs fp32 learner on random weights: close, not equal
     assert (learner_logp - behaviour).abs().mean() < 0.1, (learner_logp - behaviour).abs().mean()
+
+
+def test_a_weight_update_drops_the_old_weights_caches(tiny_vl, tmp_path):
+    """After an update, a request for a prompt the engine has seen (its prefix KV and image embeddings were
+    cached under the old weights) gets exactly what an engine freshly loaded with the new weights gives; a
+    request in flight across the update finishes, stamped with both versions."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from actors.vllm_engine import VLLMEngine
+    from core.config import DataConfig, SyntheticDataConfig, VLLMEngineConfig as VLLMCfg
+    from core.records import Sampling
+    from dataprep.synthetic import make_problems
+
+    new_weights = _perturbed_copy(tiny_vl, tmp_path / "new-weights")
+    data, prompt = DataConfig(), make_problems(SyntheticDataConfig(num_problems=1))[0]
+    probe = Sampling(n=1, temperature=1.0, top_p=1.0, max_new_tokens=32, seed=7)
+
+    def engine_on(path):
+        return VLLMEngine(path, cfg=VLLMCfg(enforce_eager=True, max_model_len=4096, gpu_memory_utilization=0.3),
+                          data=data, seed=0, kv_cache_memory_bytes=1 << 30)
+
+    def probe_rollout(engine):
+        return engine.generate([prompt], sampling=probe, actor_id=0)[0].rollouts[0]
+
+    engine = engine_on(tiny_vl)
+    before = probe_rollout(engine)  # fills the prefix and encoder caches under the old weights
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(engine.generate, [prompt], sampling=Sampling(2, 1.0, 1.0, 3000, seed=1), actor_id=0)
+        time.sleep(1.0)
+        assert not long.done(), "the long request must still be running when the update comes"
+        engine.load_weights_from(new_weights, version=1)
+        spanning = long.result(timeout=600)[0]
+    after = probe_rollout(engine)
+    engine.close()
+    fresh_engine = engine_on(new_weights)
+    fresh = probe_rollout(fresh_engine)
+    fresh_engine.close()
+
+    assert [(r.min_version, r.max_version) for r in spanning.rollouts] == [(0, 1), (0, 1)]
+    assert (before.min_version, after.min_version, after.max_version) == (0, 1, 1)
+    assert not np.allclose(before.logprobs[:8], fresh.logprobs[:8], atol=0.05)  # the new weights do differ
+    assert after.token_ids.tolist() == fresh.token_ids.tolist()
+    np.testing.assert_allclose(after.logprobs, fresh.logprobs, atol=0.02)
+
+
+def _perturbed_copy(model_dir: str, out) -> str:
+    """The model folder with every weight moved by noise of its own scale (a different policy)."""
+    import shutil
+
+    from transformers import AutoModelForImageTextToText
+
+    shutil.copytree(model_dir, out)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * (p.std() if p.numel() > 1 else 0.1))
+    model.save_pretrained(out)
+    return str(out)
 
 
 def test_learner_step_on_gpu_learns(tiny_vl):
@@ -73,13 +136,13 @@ def test_learner_step_on_gpu_learns(tiny_vl):
 
 
 def test_nccl_sync_into_running_vllm_engine(tiny_vl):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
     from actors.actor import remote_class
     from core.config_files import parse_config
     from core.records import Sampling
     from perception_r1.driver import build_engine
 
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
     ray.init(num_gpus=2, include_dashboard=False, runtime_env={"env_vars": {"NCCL_NVLS_ENABLE": "0"}})
     try:
         cfg = parse_config({"model": {"type": "pretrained", "path": tiny_vl},
@@ -123,11 +186,11 @@ class SenderProbe:
 
 
 def test_two_steps_of_the_whole_system_on_two_gpus(tiny_vl, tmp_path, monkeypatch):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
     from core.config_files import parse_config
     from perception_r1.driver import train
 
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the GPU bundle carries mlflow-skinny (no sqlite)
     cfg = parse_config({
