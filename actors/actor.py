@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Sequence
+from collections.abc import Iterator, Sequence
 
 import ray
 
@@ -50,19 +50,36 @@ class GenerationActor:
 
     @ray.method(concurrency_group="generate")
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling | None = None) -> list[RolloutGroup]:
+        """Every prompt's group, in order (validation's calls, with their own sampling)."""
         start = time.perf_counter()
-        if self.engine.apply_staged_weights():  # the safe point
+        groups = self.engine.generate(prompts, sampling=self._call_sampling(sampling, start), actor_id=self.actor_id)
+        self._count(groups, start)
+        return groups
+
+    @ray.method(concurrency_group="generate")
+    def stream(self, prompts: Sequence[Prompt]) -> Iterator[tuple[int, RolloutGroup]]:
+        """(index in `prompts`, group) as each group finishes (a Ray streaming generator): a call's slowest
+        group holds only its own place in the engine, the dispatcher refills the others as they come back."""
+        start = time.perf_counter()
+        for i, group in self.engine.stream(prompts, sampling=self._call_sampling(None, start), actor_id=self.actor_id):
+            self._count([group], start)
+            start = time.perf_counter()
+            yield i, group
+
+    def _call_sampling(self, sampling: Sampling | None, start: float) -> Sampling:
+        """Applies staged weights (the safe point) and seeds the call: the actor's sampling unless given."""
+        if self.engine.apply_staged_weights():
             self.num_updates += 1
             self.apply_s += time.perf_counter() - start
         sampling = sampling or self.sampling
         call_seed = sampling.seed + 1_000_003 * self.actor_id + self.num_groups
-        sampling = Sampling(sampling.n, sampling.temperature, sampling.top_p, sampling.max_new_tokens, call_seed)
-        groups = self.engine.generate(prompts, sampling=sampling, actor_id=self.actor_id)
+        return Sampling(sampling.n, sampling.temperature, sampling.top_p, sampling.max_new_tokens, call_seed)
+
+    def _count(self, groups: Sequence[RolloutGroup], start: float) -> None:
         with self.lock:
             self.num_groups += len(groups)
             self.num_tokens += sum(g.num_completion_tokens for g in groups)
             self.busy_s += time.perf_counter() - start
-        return groups
 
     @ray.method(concurrency_group="sync")
     def join_weight_group(self, spec: WeightGroupSpec) -> None:

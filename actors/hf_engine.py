@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -85,6 +85,11 @@ class HFEngine:
                                        rollouts=tuple(self._rollout(completions[r], logprobs[r]) for r in rows),
                                        actor_id=actor_id, generate_seconds=seconds))
         return groups
+
+    def stream(self, prompts: Sequence[Prompt], *, sampling: Sampling,
+               actor_id: int) -> Iterator[tuple[int, RolloutGroup]]:
+        """`generate`'s groups with their indices: one batched call ends all at once."""
+        yield from enumerate(self.generate(prompts, sampling=sampling, actor_id=actor_id))
 
     def _rollout(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> Rollout:
         """Cut at the first EOS (kept) and pick each sampled token's logprob."""

@@ -159,8 +159,47 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(4096, ge=1)
     prompts_per_call: int = Field(1, ge=1)
     """Prompts an actor generates in one call (larger batches: better throughput, coarser versions)."""
-    max_inflight_per_actor: int = Field(2, ge=1)
-    """Calls queued on each actor, so it never idles between calls."""
+    inflight_sequences_per_actor: int | None = Field(None, ge=1)
+    """Sequences (prompts x samples_per_prompt) the dispatcher keeps in flight on each actor; a call of
+    prompts_per_call prompts goes out as soon as it fits, and each group frees its place as it finishes.
+    None: vLLM's engine.max_num_seqs plus one call (so its queue never runs dry); for HF two calls' worth."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "max_inflight_per_actor" in data:
+            raise ValueError(
+                "rollout.max_inflight_per_actor (calls) was replaced by rollout.inflight_sequences_per_actor "
+                "(sequences: prompts x samples_per_prompt in flight on each actor; leave it out for the default, "
+                "vLLM's max_num_seqs plus one call); remove max_inflight_per_actor")
+        return data
+
+    @property
+    def sequences_per_call(self) -> int:
+        return self.prompts_per_call * self.samples_per_prompt
+
+    @property
+    def inflight_target(self) -> int:
+        """Sequences in flight per actor: the configured target, else the engine's own default."""
+        if self.inflight_sequences_per_actor is not None:
+            return self.inflight_sequences_per_actor
+        if isinstance(self.engine, VLLMEngineConfig):
+            return self.engine.max_num_seqs + self.sequences_per_call
+        return 2 * self.sequences_per_call
+
+    @property
+    def calls_per_actor(self) -> int:
+        """Calls in flight on an actor at the target (its concurrency), plus one for validation's calls."""
+        return -(-self.inflight_target // self.sequences_per_call) + 1
+
+    @model_validator(mode="after")
+    def _inflight(self) -> RolloutConfig:
+        if self.inflight_target < self.sequences_per_call:
+            raise ValueError(
+                f"rollout.inflight_sequences_per_actor ({self.inflight_target}) is below one call's sequences "
+                f"(rollout.prompts_per_call x rollout.samples_per_prompt = {self.sequences_per_call}): no call "
+                "could ever go out; raise it or lower prompts_per_call")
+        return self
 
     @model_validator(mode="after")
     def _engine(self) -> RolloutConfig:

@@ -3,7 +3,7 @@ Ray actor handles fit them through thin adapters (`perception_r1/adapters.py` fo
 `learner/worker.py` for the learner), and tests drive the callers with in-process fakes.
 
     driver loop (perception_r1/)
-      ├─ Prompt ──> Generator.generate ──> RolloutGroup ──> Scorer.score ──> ScoredGroup ──> Buffer.put
+      ├─ Prompt ──> Generator.stream ────> RolloutGroup ──> Scorer.score ──> ScoredGroup ──> Buffer.put
       │             (actors/: an Engine behind a Ray actor)  (judge/ on Serve)                 (replay/)
       └─ ReportSource.get <── LearnerReport <── ReportSink.put ── learner (learner/, rank 0)
                                                                    │ BatchSource.take / publish_version
@@ -15,7 +15,7 @@ Failures cross the seams as the exceptions below, not as Ray's: the driver's loo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Protocol
 
 from core.records import (
@@ -64,6 +64,11 @@ class Engine(Protocol):
         """n rollouts per prompt, each stamped with the version(s) of the weights that produced it.
         Raises ValueError for prompts it refuses."""
 
+    def stream(self, prompts: Sequence[Prompt], *, sampling: Sampling,
+               actor_id: int) -> Iterator[tuple[int, RolloutGroup]]:
+        """`generate`'s groups as (index in `prompts`, group), each as soon as it is done (completion order).
+        A refused prompt raises ValueError when its turn comes."""
+
     @property
     def version(self) -> int:
         """The policy_version of the weights that generate() uses now."""
@@ -92,6 +97,10 @@ class Generator(Protocol):
     async def generate(self, prompts: Sequence[Prompt], *, sampling: Sampling | None = None) -> list[RolloutGroup]:
         """One group per prompt, in order; `sampling`: this call's (validation's greedy decoding), else the
         actor's own. Raises PromptsRefused or GeneratorLost."""
+
+    def stream(self, prompts: Sequence[Prompt]) -> AsyncIterator[tuple[int, RolloutGroup]]:
+        """(index in `prompts`, group) as each group finishes, with the actor's own sampling. Raises
+        PromptsRefused or GeneratorLost when it happens: the prompts not yielded by then have no group."""
 
     async def stats(self) -> GenerationStats:
         """What the actor did since the previous call."""

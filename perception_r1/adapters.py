@@ -6,7 +6,8 @@ the loop's calls become `.remote()` calls and Ray's exceptions become the seams'
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 
 import ray
 from ray.util.queue import Empty, Queue
@@ -33,18 +34,31 @@ class RayGenerator:
         self.handle = handle
 
     async def generate(self, prompts: Sequence[Prompt], *, sampling: Sampling | None = None) -> list[RolloutGroup]:
-        try:
+        with _as_seam_errors():
             args = (list(prompts),) if sampling is None else (list(prompts), sampling)  # None: the actor's own
             return await self.handle.generate.remote(*args)
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-            raise GeneratorLost(type(e).__name__) from e
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e, ValueError):  # Ray keeps the cause's type: the engine refused the prompts
-                raise PromptsRefused(str(e.cause)) from e
-            raise  # another failure of the call, an instance of its cause's type too
+
+    async def stream(self, prompts: Sequence[Prompt]) -> AsyncIterator[tuple[int, RolloutGroup]]:
+        with _as_seam_errors():
+            async for ref in self.handle.stream.remote(list(prompts)):  # a Ray streaming generator
+                yield await ref
 
     async def stats(self) -> GenerationStats:
         return await self.handle.stats.remote()
+
+
+@contextlib.contextmanager
+def _as_seam_errors():
+    """A dead or unreachable actor becomes GeneratorLost, a refusal (Ray keeps the cause's type) PromptsRefused;
+    another failure of the call stays what it is (an instance of its cause's type too)."""
+    try:
+        yield
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+        raise GeneratorLost(type(e).__name__) from e
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e, ValueError):
+            raise PromptsRefused(str(e.cause)) from e
+        raise
 
 
 class RayBuffer:

@@ -144,7 +144,7 @@ def build_actors(cfg: Config, model_path: str) -> list:
     actors = []
     for i in range(r.num_actors):
         build = functools.partial(build_engine, cfg=cfg, model_path=model_path)
-        concurrency = 1 if isinstance(r.engine, HFEngineConfig) else r.max_inflight_per_actor
+        concurrency = 1 if isinstance(r.engine, HFEngineConfig) else r.calls_per_actor
         actor_class = remote_class(generate_concurrency=concurrency)
         actors.append(actor_class.options(num_gpus=r.num_gpus_per_actor, max_restarts=r.max_restarts,
                                           name=f"{cfg.run.name}:generator-{i}", max_task_retries=0)

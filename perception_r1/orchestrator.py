@@ -1,8 +1,8 @@
 """The asynchronous dataflow of a training run, owned by the driver process (asyncio):
 
-     PromptStream ──next()──> dispatch loop ──generate(prompts)──> Generators (N actors)
+     PromptStream ──next()──> dispatch loop ──stream(prompts)──> Generators (N actors)
           ^                     │ waits on: buffer.reserve()  (staleness window + capacity)
-          │ requeue(lost)       │           a free actor slot  (max_inflight_per_actor calls each)
+          │ requeue(lost)       │           room on an actor (inflight_sequences_per_actor each)
           │                     v
           │              RolloutGroup ──scorer.score()──> ScoredGroup ──buffer.put()──> Buffer
           │                                  (judge app on Serve:                  │ bounded, FIFO,
@@ -14,10 +14,13 @@
 
 Who unblocks whom: the learner's publish_version() opens the staleness window, its take() frees
 capacity; both wake reserve(), which wakes the dispatch loop. Generation never waits for learning
-beyond the window `max_staleness` allows; learning waits only for admissible groups.
-Nothing is lost silently: a call whose actor died (GeneratorLost) releases its reservations and
-requeues its prompts; a call the engine refused (PromptsRefused: a prompt over
-data.max_prompt_tokens, an image it cannot use) is split into one call per prompt, and a prompt refused
+beyond the window `max_staleness` allows; learning waits only for admissible groups. Each call streams its
+groups back as they finish, and each finished group frees its sequences on the actor at once: the
+dispatcher keeps each engine at its target of sequences in flight, not at a number of calls, so one
+long completion does not idle the slots of its call-mates.
+Nothing is lost silently: a call whose actor died (GeneratorLost) releases the reservations of the prompts
+it had not returned and requeues them; a call the engine refused (PromptsRefused: a prompt over
+data.max_prompt_tokens, an image it cannot use) is split into one call per prompt not yet returned, and a prompt refused
 alone, or a call that failed otherwise, releases its reservations and counts its prompts as skipped
 (by kind); a dropped or evicted group is counted; every seq ends trained, dropped,
 evicted, skipped or pending. When as many prompts in a row as the dataset holds are skipped and none
@@ -37,7 +40,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from core.records import RolloutGroup
-from core.seams import Buffer, Generator, GeneratorLost, PromptsRefused, Scorer
+from core.seams import Buffer, Generator, GeneratorLost, PeerLost, PromptsRefused, Scorer
 from perception_r1.stream import PromptStream
 
 log = logging.getLogger("perception_r1")
@@ -49,7 +52,9 @@ QUIET_EVERY = 100
 @dataclass(frozen=True)
 class DispatchSettings:
     prompts_per_call: int
-    max_inflight_per_actor: int
+    inflight_sequences_per_actor: int
+    """Sequences (prompts x samples) each actor holds in flight: a call goes out when one fits."""
+    samples_per_prompt: int
     drop_uniform_groups: bool
 
 
@@ -71,7 +76,8 @@ class Orchestrator:
         """Groups scored so far (for the watchdog's diagnosis)."""
         self.skipped_in_a_row = 0
         self.fatal = ""
-        """Why no step can come (every prompt of the dataset skipped); empty while dispatch can go on."""
+        """Why no step can come (every prompt of the dataset skipped, an actor dispatch needs died under a
+        call it spawned); empty while dispatch can go on."""
 
     async def run(self) -> None:
         """Dispatch until stop() or the buffer closes; in-flight work is left to finish or be cancelled."""
@@ -79,7 +85,7 @@ class Orchestrator:
         while not self.stopping.is_set() and not self.fatal:
             if not await self.buffer.reserve(m):
                 break  # closed
-            idx = await self._free_actor()
+            idx = await self._free_actor(m * self.settings.samples_per_prompt)
             batch = [self.stream.next() for _ in range(m)]
             self._spawn(self._generate(idx, batch))
 
@@ -97,13 +103,13 @@ class Orchestrator:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _free_actor(self) -> int:
-        """The least-busy actor with a free call slot (waits for one)."""
-        limit = self.settings.max_inflight_per_actor
+    async def _free_actor(self, num_sequences: int) -> int:
+        """The least-busy actor with room for `num_sequences` more sequences in flight (waits for one)."""
+        limit = self.settings.inflight_sequences_per_actor
         async with self.slot_freed:
-            await self.slot_freed.wait_for(lambda: min(self.inflight) < limit)
+            await self.slot_freed.wait_for(lambda: min(self.inflight) + num_sequences <= limit)
             idx = min(range(len(self.generators)), key=lambda i: self.inflight[i])
-            self.inflight[idx] += 1
+            self.inflight[idx] += num_sequences
             return idx
 
     def oldest_call(self) -> tuple[int, float] | None:
@@ -111,37 +117,39 @@ class Orchestrator:
         return min(self.calls.values(), key=lambda c: c[1], default=None)
 
     async def _generate(self, idx: int, batch: list) -> None:
-        seqs = [seq for seq, _ in batch]
-        call = id(batch)
+        """One call's groups as they finish: each is scored and frees its sequences' slots at once."""
+        call, n = id(batch), self.settings.samples_per_prompt
         self.calls[call] = (idx, time.monotonic())
+        pending = dict(enumerate(batch))
         try:
-            groups = await self.generators[idx].generate([p for _, p in batch])
+            async for i, group in self.generators[idx].stream([p for _, p in batch]):
+                seq, _ = pending.pop(i)
+                await self._free(idx, n)
+                self.skipped_in_a_row = 0
+                self._spawn(self._score_and_put(dataclasses.replace(group, seq=seq)))
         except GeneratorLost as e:
-            await self._lost(idx, seqs, e)
-            return
+            await self._lost(idx, [seq for seq, _ in pending.values()], e)
         except PromptsRefused as e:
-            if len(batch) > 1:  # one bad prompt refuses the call: find it, each prompt in a call of its own
+            if len(pending) > 1:  # one bad prompt refuses the rest of the call: find it, each alone
                 self.counters["refused_calls_split"] += 1
-                for item in batch:
+                for item in pending.values():
                     self._spawn(self._generate_alone(item))
             else:
-                await self._skipped(idx, seqs, e)
-            return
+                await self._skipped(idx, [seq for seq, _ in pending.values()], e)
         except Exception as e:  # noqa: BLE001 -- failed otherwise: counted by kind, never retried
-            await self._skipped(idx, seqs, e)
-            return
+            await self._skipped(idx, [seq for seq, _ in pending.values()], e)
         finally:
             self.calls.pop(call, None)
-            async with self.slot_freed:
-                self.inflight[idx] -= 1
-                self.slot_freed.notify_all()
-        self.skipped_in_a_row = 0
-        for seq, group in zip(seqs, groups):
-            self._spawn(self._score_and_put(dataclasses.replace(group, seq=seq)))
+            await self._free(idx, n * len(pending))
+
+    async def _free(self, idx: int, num_sequences: int) -> None:
+        async with self.slot_freed:
+            self.inflight[idx] -= num_sequences
+            self.slot_freed.notify_all()
 
     async def _generate_alone(self, item: tuple) -> None:
         """One prompt of a refused call, on the next free actor (its reservation is already held)."""
-        await self._generate(await self._free_actor(), [item])
+        await self._generate(await self._free_actor(self.settings.samples_per_prompt), [item])
 
     async def _lost(self, idx: int, seqs: list[int], error: GeneratorLost) -> None:
         """The actor died mid-call: its prompts go back to the stream (Ray restarts the actor)."""
@@ -204,3 +212,5 @@ class Orchestrator:
         if not task.cancelled() and task.exception() is not None:
             self.counters["task_errors"] += 1
             log.error("orchestrator task failed: %r", task.exception())
+            if isinstance(task.exception(), PeerLost) and not self.fatal:  # e.g. the buffer died under a put
+                self.fatal = f"{task.exception()}; the run stops"

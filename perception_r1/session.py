@@ -76,7 +76,8 @@ class Session:
         """Snapshots the learner is writing in the background: this driver's state as of each one's step."""
         self.session_id = f"{os.getpid()}-{int(time.time())}"
         settings = DispatchSettings(prompts_per_call=cfg.rollout.prompts_per_call,
-                                    max_inflight_per_actor=cfg.rollout.max_inflight_per_actor,
+                                    inflight_sequences_per_actor=cfg.rollout.inflight_target,
+                                    samples_per_prompt=cfg.rollout.samples_per_prompt,
                                     drop_uniform_groups=cfg.buffer.drop_uniform_groups)
         self.orchestrator = Orchestrator(stream=stream, generators=generators, scorer=scorer, buffer=buffer,
                                          settings=settings)

@@ -35,10 +35,15 @@ K = 2  # groups per step
 class FakeGenerator:
     """Groups stamped with the weights' version the fake actor holds; faults scripted by call or prompt id."""
 
-    def __init__(self, actor_id: int, versions, *, die_on_calls=(), refuse=(), fail=(), stuck_at: int | None = None):
+    def __init__(self, actor_id: int, versions, *, die_on_calls=(), refuse=(), fail=(), stuck_at: int | None = None,
+                 die_after_groups: dict[int, int] | None = None):
         self.actor_id, self.versions = actor_id, versions
         self.die_on_calls, self.refuse, self.fail, self.stuck_at = set(die_on_calls), set(refuse), set(fail), stuck_at
+        self.die_after_groups = die_after_groups or {}
+        """call number -> groups the call streams back before the actor dies."""
         self.calls = 0
+        self.max_inflight = self.inflight = 0
+        """Prompts in this actor's calls at once (the most, and now)."""
         self.validation_calls: list[tuple[list[str], int]] = []
         """(prompt ids, version) of each call with its own sampling (validation's greedy decoding)."""
 
@@ -57,6 +62,24 @@ class FakeGenerator:
         if sampling is not None:
             self.validation_calls.append(([p.id for p in prompts], version))
         return [_group(p, version, self.actor_id, n=sampling.n if sampling else N) for p in prompts]
+
+    async def stream(self, prompts):
+        """`generate`'s groups, last prompt first (completion order is not prompt order), one at a time."""
+        remaining = len(prompts)
+        self.inflight += remaining
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            groups = await self.generate(prompts)
+            dies_after = self.die_after_groups.get(self.calls)
+            for done, i in enumerate(reversed(range(len(groups)))):
+                if done == dies_after:
+                    raise GeneratorLost("RayActorError")
+                await asyncio.sleep(0.001)
+                remaining -= 1
+                self.inflight -= 1
+                yield i, groups[i]
+        finally:
+            self.inflight -= remaining
 
     async def stats(self) -> GenerationStats:
         return GenerationStats(actor_id=self.actor_id, num_groups=0, num_tokens=0, busy_seconds=0.0, version=0)
@@ -184,14 +207,16 @@ async def fake_learner(buffer: ReplayBuffer, reports: QueueReports, versions: Ve
 
 def run_session(tmp_path: Path, *, generators, scorer=None, num_steps=6, max_staleness=1, drop_uniform=False,
                 die_at_step=None, restart_from=0, versions=None, num_prompts=40, prompts_per_call=1, run=None,
-                learner=None, buffer_view=LocalBuffer, buffered=(), during=None, timeout_s=30.0, validation=None):
+                learner=None, buffer_view=LocalBuffer, buffered=(), during=None, timeout_s=30.0, validation=None,
+                inflight_sequences=None):
     """Run a Session against the fakes. `run`: extra `run.*` config; `learner(buffer, reports, versions)`: a
     learner coroutine in place of `fake_learner`; `buffer_view(buffer)`: the driver's view of the buffer;
     `during(session)`: a coroutine run beside the session (faults, stop requests); `validation`: the
-    `validation` section (off unless given), its held-out prompts split off as the driver does."""
+    `validation` section (off unless given), its held-out prompts split off as the driver does;
+    `inflight_sequences`: rollout.inflight_sequences_per_actor (two calls' worth unless given)."""
     cfg = parse_config({
         "run": {"num_steps": num_steps, "output_dir": str(tmp_path), **(run or {})},
-        "rollout": {"samples_per_prompt": N, "prompts_per_call": prompts_per_call, "max_inflight_per_actor": 2},
+        "rollout": {"samples_per_prompt": N, "prompts_per_call": prompts_per_call, "inflight_sequences_per_actor": inflight_sequences or 2 * N * prompts_per_call},
         "learner": {"prompts_per_step": K},
         "buffer": {"max_staleness": max_staleness, "max_groups": 8, "drop_uniform_groups": drop_uniform},
         "tracking": {"progress_bar": False, "log_rollouts_every": 0},

@@ -414,17 +414,22 @@ def test_bad_input(case: Case, tmp_path: Path, request):
 
 
 # ------------------------------------------------------------------ a refused prompt at run time
-class _Remote:
-    """`handle.method.remote(*args)` as an awaitable, for in-process fakes of Ray handles."""
+class _RemoteStream:
+    """`handle.method.remote(*args)` of a Ray streaming generator (an async iterator of object refs, here
+    awaitables), for in-process fakes of Ray handles: `fn` returns the values or raises as the actor would."""
 
     def __init__(self, fn: Callable) -> None:
         self.fn = fn
 
     def remote(self, *args):
-        async def call():
-            return self.fn(*args)
+        async def refs():
+            for value in self.fn(*args):
+                async def ref(value=value):
+                    return value
 
-        return call()
+                yield ref()
+
+        return refs()
 
 
 class _FakeBuffer:
@@ -464,19 +469,19 @@ def test_prompt_over_max_tokens_is_a_counted_skip_not_a_stall():
 
     refused = []
 
-    def generate(prompts):
+    def stream(prompts):
         refused.extend(p.id for p in prompts)
         cause = PromptTooLong(f"prompt {prompts[0].id} has 5000 tokens, over data.max_prompt_tokens=4096")
         raise ray.exceptions.RayTaskError("generate", "traceback", cause).as_instanceof_cause()
 
     handle = type("Handle", (), {})()
-    handle.generate = _Remote(generate)
+    handle.stream = _RemoteStream(stream)
     prompts = [Prompt(id=f"p{i}", index=i, problem="<image>x", answer="1", image=b"") for i in range(100)]
     buffer = _FakeBuffer(capacity=8, num_calls=30)
     orchestrator = Orchestrator(stream=PromptStream(prompts, shuffle_seed=None), generators=[RayGenerator(handle)],
                                 scorer=None, buffer=buffer,
-                                settings=DispatchSettings(prompts_per_call=1, max_inflight_per_actor=2,
-                                                          drop_uniform_groups=False))
+                                settings=DispatchSettings(prompts_per_call=1, inflight_sequences_per_actor=2,
+                                                          samples_per_prompt=1, drop_uniform_groups=False))
 
     async def run():
         await asyncio.wait_for(orchestrator.run(), timeout=30)

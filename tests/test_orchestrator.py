@@ -6,7 +6,7 @@ and its ledger: every stream position ends trained at most once, and the counter
 from pathlib import Path
 
 import pytest
-from driver_fakes import K, FakeGenerator, FakeScorer, run_session, trained_ids
+from driver_fakes import K, N, FakeGenerator, FakeScorer, run_session, trained_ids
 
 
 def test_every_prompt_is_trained_once_and_each_step_logged(tmp_path):
@@ -25,6 +25,32 @@ def test_an_actor_dying_mid_call_requeues_its_prompts(tmp_path):
     assert session.counters()["lost_in_flight"] == 1
     assert len(seqs) == len(set(seqs)) == 12  # the lost prompt is trained once, later
     assert sorted(seqs)[:3] == [0, 1, 2]  # none skipped: the lost one came back
+
+
+def test_an_actor_dying_mid_stream_requeues_only_the_groups_it_had_not_returned(tmp_path):
+    """Calls of 3 prompts stream their groups one by one; the second call's actor dies after returning one:
+    that group is scored and trained, the other two are requeued (and trained later, once)."""
+    session, ledger, _, _ = run_session(tmp_path, generators=lambda v: [FakeGenerator(0, v, die_after_groups={2: 1})],
+                                        prompts_per_call=3, num_steps=8)
+    assert session.counters()["lost_in_flight"] == 2
+    seqs = [s for line in ledger for s in line["seqs"]]
+    assert len(seqs) == len(set(seqs)) == 16
+    assert {3, 4, 5} <= set(seqs)  # the second call's three prompts: one returned, two requeued
+
+
+@pytest.mark.parametrize("target_prompts", [1, 3])
+def test_the_dispatcher_keeps_each_actor_at_its_target_of_sequences_in_flight(tmp_path, target_prompts):
+    """inflight_sequences_per_actor counts sequences (prompts x samples): with room in the buffer for 8
+    prompts, the actor holds exactly the target's prompts at its busiest, never more."""
+    gens = []
+
+    def generators(v):
+        gens.append(FakeGenerator(0, v))
+        return gens
+
+    session, ledger, _, _ = run_session(tmp_path, generators=generators, max_staleness=3,
+                                        inflight_sequences=target_prompts * N)
+    assert len(ledger) == 6 and gens[0].max_inflight == target_prompts
 
 
 def test_a_refused_prompt_is_skipped_counted_and_its_reservation_released(tmp_path):

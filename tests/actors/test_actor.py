@@ -106,3 +106,35 @@ def test_generate_and_receive_run_concurrently():
     release.set()
     worker.join(10)
     assert actor.generate(prompts(1))[0].policy_version == 1
+
+
+def test_stream_yields_each_group_as_the_engine_finishes_it_counted_once():
+    """`stream` passes the engine's (index, group) pairs through in completion order, applies staged weights
+    at the call's start (the safe point) and counts each group once."""
+
+    class StreamingEngine(FakeEngine):
+        def stream(self, prompts, *, sampling, actor_id):
+            groups = self.generate(prompts, sampling=sampling, actor_id=actor_id)
+            yield from reversed(list(enumerate(groups)))  # the last prompt finished first
+
+    actor = GenerationActor(actor_id=0, build_engine=StreamingEngine, sampling=SAMPLING)
+    actor.receive_weights(manifest(2))
+    out = list(actor.stream(prompts(3)))
+    assert [i for i, _ in out] == [2, 1, 0] and [g.prompt.id for _, g in out] == ["p2", "p1", "p0"]
+    assert {g.policy_version for _, g in out} == {2}
+    stats = actor.stats()
+    assert (stats.num_groups, stats.num_weight_updates, stats.num_tokens) == (3, 1, 3 * 2 * 3)
+
+
+def test_sampled_logprobs_read_vllm_flat_and_per_position_forms():
+    """vLLM's flat logprobs (one entry per position with `logprobs=0`) and its per-position dicts give the
+    same sampled-token logprobs."""
+    from types import SimpleNamespace
+
+    from core.vllm_compat import sampled_logprobs
+
+    ids = [5, 9, 5]
+    flat = SimpleNamespace(token_ids=[5, 9, 5], logprobs=[-0.5, -1.25, -2.0])
+    per_position = [{5: SimpleNamespace(logprob=-0.5)}, {9: SimpleNamespace(logprob=-1.25), 3: SimpleNamespace(logprob=-9.0)},
+                    {5: SimpleNamespace(logprob=-2.0)}]
+    assert sampled_logprobs(flat, ids) == sampled_logprobs(per_position, ids) == [-0.5, -1.25, -2.0]
