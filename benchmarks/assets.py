@@ -1,7 +1,9 @@
 """Model folders for GPU tests and benchmarks at real scale, written offline: the published
 Qwen2.5-VL-3B/7B-Instruct configs (random or vLLM-dummy weights), a tiny model of the same
 architecture with saved random weights, a byte-level tokenizer with Qwen's special-token ids and
-chat template, and the Qwen2.5-VL image-processor config. Nothing is downloaded.
+chat template, and the Qwen2.5-VL image-processor config; and text-only judge LLM folders (the published
+Qwen2.5-7B-Instruct and Qwen2.5-32B-Instruct-AWQ configs, no weights: vLLM's `load_format="dummy"`).
+Nothing is downloaded.
 
     python -m benchmarks.assets DIR      # DIR/tiny-vl (weights), DIR/vl3b, DIR/vl7b (config only)
 """
@@ -49,6 +51,21 @@ PREPROCESSOR = {"min_pixels": 3136, "max_pixels": 1280 * 28 * 28, "patch_size": 
                 "image_std": [0.26862954, 0.26130258, 0.27577711],
                 "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}
 SHAPES = {"tiny-vl": TINY, "vl3b": VL3B, "vl7b": VL7B}
+JUDGE7B = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+    "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944,
+    "max_position_embeddings": 32768, "max_window_layers": 28, "model_type": "qwen2", "num_attention_heads": 28,
+    "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "sliding_window": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 152064,
+}
+"""Qwen/Qwen2.5-7B-Instruct's config.json as published (a text-only judge)."""
+JUDGE32B_AWQ = dict(JUDGE7B, hidden_size=5120, intermediate_size=27648, num_attention_heads=40, num_hidden_layers=64,
+                    num_key_value_heads=8, max_window_layers=64, torch_dtype="float16",
+                    quantization_config={"bits": 4, "group_size": 128, "modules_to_not_convert": None,
+                                         "quant_method": "awq", "version": "gemm", "zero_point": True})
+"""Qwen/Qwen2.5-32B-Instruct-AWQ's config.json (the reference recipe's judge): 4-bit AWQ, fp16."""
+JUDGE_SHAPES = {"judge7b": JUDGE7B, "judge32b_awq": JUDGE32B_AWQ}
 
 
 def byte_tokenizer():
@@ -90,6 +107,16 @@ def write_model_dir(path: Path, config: dict, *, weights: bool, seed: int = 0) -
         model.generation_config.eos_token_id = config["eos_token_id"]
         model.save_pretrained(path)
         (path / "config.json").write_text(json.dumps(config, indent=1))  # keep the hub layout
+    return path
+
+
+def write_judge_dir(path: Path, config: dict) -> Path:
+    """A text-only judge LLM folder without weights (for vLLM's `load_format="dummy"`): config.json and the
+    byte-level tokenizer with Qwen's special tokens and chat template."""
+    path.mkdir(parents=True, exist_ok=True)
+    byte_tokenizer().save_pretrained(path)
+    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (path / "config.json").write_text(json.dumps(config, indent=1))
     return path
 
 

@@ -1,18 +1,27 @@
-"""vLLM throughput inside a generation actor vs bare vLLM: same model, prompts, sampling and GPU.
-Bare: one AsyncLLM in this process with every prompt submitted at once. In-actor: the system's
-GenerationActor (Ray) fed by concurrent generate calls as the driver feeds it. Output tokens/s each.
+"""vLLM throughput inside a generation actor, fed by the driver's own dispatch, vs bare vLLM: same model,
+prompts, per-request token limits and GPU. Output tokens/s each, and the latency of each group.
 
-    python -m benchmarks.bench_vllm_actor DIR/vl7b --prompts 64 --n 8 --max-tokens 512
+Bare: one AsyncLLM in this process with every request submitted at once (vLLM's scheduler alone keeps
+the batch full). In-actor: the system's GenerationActor (Ray) driven by the driver's dispatch loop
+(`perception_r1.orchestrator.Orchestrator`, the config's prompts_per_call and in-flight target) with
+groups streamed back as they finish. With random weights nearly every sample runs to its limit, so each
+prompt's limit is drawn from a long-tailed (log-normal) distribution capped at --max-tokens: a call's
+groups end at very different times, as real completions do.
+
+    python -m benchmarks.bench_vllm_actor DIR/vl7b --prompts 256 --n 8 --max-tokens 2048 --eager
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import gc
-import os
+import math
 import time
+
+import numpy as np
 
 from benchmarks.common import print_table, write_result
 
@@ -24,105 +33,189 @@ def prompts(count: int):
     return make_problems(SyntheticDataConfig(num_problems=count, seed=11))
 
 
-def engine_cfg(args):
-    from core.config import VLLMEngineConfig
+def token_limits(ids: list[str], *, median: int, sigma: float, cap: int, seed: int = 0) -> dict[str, int]:
+    """Each prompt's completion limit: log-normal around `median`, clipped to [16, cap]."""
+    rng = np.random.default_rng(seed)
+    draws = np.clip(rng.lognormal(math.log(median), sigma, size=len(ids)), 16, cap).astype(int)
+    return dict(zip(ids, draws.tolist()))
 
-    return VLLMEngineConfig(load_format="dummy", gpu_memory_utilization=0.85, max_model_len=4096, max_num_seqs=1024,
-                      max_num_batched_tokens=8192, enforce_eager=args.eager)
+
+def config(args):
+    from core.config_files import parse_config
+
+    return parse_config({
+        "model": {"type": "pretrained", "path": args.model, "random_weights": True},
+        "rollout": {"engine": {"type": "vllm", "load_format": "dummy", "gpu_memory_utilization": 0.85,
+                               "max_model_len": 4096, "max_num_seqs": args.max_num_seqs,
+                               "max_num_batched_tokens": 8192, "enforce_eager": args.eager},
+                    "num_gpus_per_actor": 1, "samples_per_prompt": args.n, "max_new_tokens": args.max_tokens,
+                    "prompts_per_call": args.per_call, "inflight_sequences_per_actor": args.inflight}})
 
 
-def bare(args) -> dict:
-    """vLLM alone: AsyncLLM, all requests at once, the same prompt text, images and sampling."""
+def percentiles(values: list[float]) -> dict[str, float]:
+    return {f"p{q}_s": float(np.percentile(values, q)) for q in (50, 90, 99)} | {"max_s": float(max(values))}
+
+
+# ------------------------------------------------------------------------------------------ bare
+def bare(args, cfg, limits: dict[str, int]) -> dict:
+    """vLLM alone: AsyncLLM, all requests at once, the same prompt text, images, sampling and limits."""
     from core import vl, vllm_compat
-    from core.config import DataConfig
 
-    cfg, data = engine_cfg(args), DataConfig()
+    e, data = cfg.rollout.engine, cfg.data
     processor = vl.load_processor(args.model)
     start = time.perf_counter()
     engine = vllm_compat.make_async_engine(
-        args.model, tensor_parallel_size=1, gpu_memory_utilization=cfg.gpu_memory_utilization,
-        max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
-        max_num_batched_tokens=cfg.max_num_batched_tokens, enforce_eager=cfg.enforce_eager, load_format="dummy",
-        seed=0)
+        args.model, tensor_parallel_size=1, gpu_memory_utilization=e.gpu_memory_utilization,
+        max_model_len=e.max_model_len, max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
+        enforce_eager=e.enforce_eager, load_format="dummy", seed=0)
     init_s = time.perf_counter() - start
-    params = vllm_compat.sampling_params(n=args.n, temperature=1.0, top_p=1.0, max_tokens=args.max_tokens, seed=0,
-                                         suppressed=vl.suppressed_token_ids(processor.tokenizer))
+    suppressed = vl.suppressed_token_ids(processor.tokenizer)
     inputs = []
     for p in prompts(args.prompts):
         text = processor.apply_chat_template(vl.build_messages(p.problem, format_prompt=data.format_prompt),
                                              add_generation_prompt=True, tokenize=False)
-        inputs.append(vllm_compat.multimodal_prompt(text, vl.prepare_image(
-            p.image, min_pixels=data.min_pixels, max_pixels=data.max_pixels)))
+        image = vl.prepare_image(p.image, min_pixels=data.min_pixels, max_pixels=data.max_pixels)
+        params = vllm_compat.sampling_params(n=args.n, temperature=1.0, top_p=1.0, max_tokens=limits[p.id], seed=0,
+                                             suppressed=suppressed)
+        inputs.append((vllm_compat.multimodal_prompt(text, image), params))
 
-    async def one(i, prompt):
-        final = None
-        async for out in engine.generate(prompt, params, request_id=f"b{i}"):
+    async def one(tag, prompt, params):
+        t0, final = time.perf_counter(), None
+        async for out in engine.generate(prompt, params, request_id=tag):
             final = out
-        return sum(len(o.token_ids) for o in final.outputs)
+        return sum(len(o.token_ids) for o in final.outputs), time.perf_counter() - t0
 
-    async def all_prompts(tag):
-        return sum(await asyncio.gather(*[one(f"{tag}{i}", p) for i, p in enumerate(inputs)]))
+    async def run(batch, tag):
+        return await asyncio.gather(*[one(f"{tag}{i}", p, s) for i, (p, s) in enumerate(batch)])
 
     loop = asyncio.new_event_loop()
-    loop.run_until_complete(all_prompts("warm"))
+    loop.run_until_complete(run(inputs[:args.warmup], "warm"))
     start = time.perf_counter()
-    tokens = loop.run_until_complete(all_prompts("run"))
+    done = loop.run_until_complete(run(inputs, "run"))
     seconds = time.perf_counter() - start
     engine.shutdown()
     loop.close()
-    del engine
     gc.collect()
-    return {"mode": "bare vLLM", "init_s": init_s, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+    tokens = sum(t for t, _ in done)
+    return {"mode": "bare vLLM", "init_s": init_s, "seconds": seconds, "tokens": tokens,
+            "tokens_per_s": tokens / seconds, **percentiles([s for _, s in done])}
 
 
-def in_actor(args) -> dict:
+# -------------------------------------------------------------------------------------- in actor
+def build_long_tail_engine(*, cfg, model_path: str, limits: dict[str, int]):
+    """Runs in the actor: the system's vLLM engine with each prompt's own token limit."""
+    from actors.vllm_engine import VLLMEngine
+
+    class LongTailEngine(VLLMEngine):
+        def params(self, prompt, sampling, seed):
+            return super().params(prompt, dataclasses.replace(sampling, max_new_tokens=limits[prompt.id]), seed)
+
+    return LongTailEngine(model_path, cfg=cfg.rollout.engine, data=cfg.data, seed=cfg.run.seed)
+
+
+class _Counting:
+    """The dispatch loop's buffer and scorer for a benchmark: reserves `total` prompts then closes; keeps
+    every group it is given (no judge: rewards are not what is measured)."""
+
+    def __init__(self, total: int) -> None:
+        self.left, self.groups, self.closed = total, [], asyncio.Event()
+
+    async def reserve(self, n: int) -> bool:
+        if self.left < n:
+            return False
+        self.left -= n
+        return True
+
+    async def release(self, n: int) -> None:
+        raise RuntimeError(f"{n} prompts failed in generation: see the actor's log")
+
+    async def put(self, scored) -> bool:
+        self.groups.append(scored.group)
+        return True
+
+    async def score(self, group):
+        from core.records import RewardBreakdown, ScoredGroup
+
+        zero = RewardBreakdown(accuracy=0.0, format=0.0, repetition=0.0, visual=0.0, total=0.0, overall=0.0)
+        return ScoredGroup(group=group, rewards=(zero,) * len(group.rollouts), judge_seconds=0.0)
+
+
+def dispatch(cfg, actor, batch: list) -> tuple[list, float]:
+    """The driver's dispatch loop over `batch` on one actor: (groups, seconds)."""
+    from perception_r1.adapters import RayGenerator
+    from perception_r1.orchestrator import DispatchSettings, Orchestrator
+    from perception_r1.stream import PromptStream
+
+    r = cfg.rollout
+    counting = _Counting(len(batch))
+    settings = DispatchSettings(prompts_per_call=r.prompts_per_call, inflight_sequences_per_actor=r.inflight_target,
+                                samples_per_prompt=r.samples_per_prompt, drop_uniform_groups=False)
+    orchestrator = Orchestrator(stream=PromptStream(batch, shuffle_seed=None), generators=[RayGenerator(actor)],
+                                scorer=counting, buffer=counting, settings=settings)
+
+    async def run():
+        await orchestrator.run()
+        await orchestrator.drain(timeout_s=1800)
+
+    start = time.perf_counter()
+    asyncio.run(run())
+    seconds = time.perf_counter() - start
+    assert len(counting.groups) == len(batch), (len(counting.groups), len(batch), orchestrator.counters)
+    return counting.groups, seconds
+
+
+def in_actor(args, cfg, limits: dict[str, int]) -> dict:
     import ray
 
     from actors.actor import remote_class
-    from core.config_files import parse_config
     from core.records import Sampling
-    from perception_r1.driver import build_engine
 
     ray.init(include_dashboard=False)
-    cfg = parse_config({"model": {"type": "pretrained", "path": args.model, "random_weights": True},
-                        "rollout": {"engine": engine_cfg(args).model_dump(), "num_gpus_per_actor": 1}})
-    calls = args.prompts // args.per_call
+    r = cfg.rollout
     start = time.perf_counter()
-    actor = remote_class(generate_concurrency=calls).options(num_gpus=1).remote(
-        actor_id=0, build_engine=functools.partial(build_engine, cfg=cfg, model_path=args.model),
+    actor = remote_class(generate_concurrency=r.calls_per_actor).options(num_gpus=1).remote(
+        actor_id=0, build_engine=functools.partial(build_long_tail_engine, cfg=cfg, model_path=args.model, limits=limits),
         sampling=Sampling(args.n, 1.0, 1.0, args.max_tokens))
     ray.get(actor.version.remote())
     init_s = time.perf_counter() - start
-    batches = [prompts(args.prompts)[i * args.per_call:(i + 1) * args.per_call] for i in range(calls)]
-
-    def run():
-        groups = ray.get([actor.generate.remote(b) for b in batches])
-        return sum(g.num_completion_tokens for call in groups for g in call)
-
-    run()  # warm-up, as for bare
-    start = time.perf_counter()
-    tokens = run()
-    seconds = time.perf_counter() - start
+    batch = prompts(args.prompts)
+    dispatch(cfg, actor, batch[:args.warmup])
+    groups, seconds = dispatch(cfg, actor, batch)
     ray.shutdown()
+    tokens = sum(g.num_completion_tokens for g in groups)
     return {"mode": "generation actor", "init_s": init_s, "seconds": seconds, "tokens": tokens,
-            "tokens_per_s": tokens / seconds}
+            "tokens_per_s": tokens / seconds, **percentiles([g.generate_seconds for g in groups])}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model")
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--per-call", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--per-call", type=int, default=8, help="rollout.prompts_per_call (the recipe's 8)")
+    parser.add_argument("--inflight", type=int, default=None,
+                        help="rollout.inflight_sequences_per_actor (default: max_num_seqs + one call)")
+    parser.add_argument("--max-num-seqs", type=int, default=1024)
     parser.add_argument("--n", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=2048, help="cap of the long-tailed token limits")
+    parser.add_argument("--median-tokens", type=int, default=300)
+    parser.add_argument("--sigma", type=float, default=0.8, help="log-normal sigma of the token limits")
+    parser.add_argument("--warmup", type=int, default=16, help="prompts run once before each measurement")
     parser.add_argument("--eager", action="store_true")
     args = parser.parse_args()
-    rows = [bare(args), in_actor(args)]
-    print_table(f"vLLM in a generation actor vs bare ({args.model})", rows)
+    cfg = config(args)
+    limits = token_limits([p.id for p in prompts(args.prompts)], median=args.median_tokens, sigma=args.sigma,
+                          cap=args.max_tokens)
+    spread = percentiles([float(v) for v in limits.values()])
+    print("token limits: mean %.0f, p50 %.0f, p90 %.0f, p99 %.0f, max %.0f" % (
+        np.mean(list(limits.values())), spread["p50_s"], spread["p90_s"], spread["p99_s"], spread["max_s"]))
+    rows = [bare(args, cfg, limits), in_actor(args, cfg, limits)]
+    print_table(f"vLLM in a generation actor (driver dispatch, streamed groups) vs bare ({args.model})", rows)
     ratio = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
-    print(f"vllm_in_actor_ratio = {ratio:.3f}")
-    print("wrote", write_result("vllm_in_actor", config=vars(args),
-                                metrics={"vllm_in_actor_ratio": ratio, "bare": rows[0], "actor": rows[1]}))
+    print(f"vllm_in_actor_ratio = {ratio:.3f}  (in-flight target {cfg.rollout.inflight_target} sequences, "
+          f"{cfg.rollout.prompts_per_call} prompts per call)")
+    print("wrote", write_result("vllm_in_actor", config=vars(args) | {
+        "inflight_target": cfg.rollout.inflight_target, "token_limit_mean": float(np.mean(list(limits.values())))},
+        metrics={"vllm_in_actor_ratio": ratio, "bare": rows[0], "actor": rows[1]}))
 
 
 if __name__ == "__main__":

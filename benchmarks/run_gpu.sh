@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool), after the wheel bundle's parts were moved to /tmp/bundle:
-#   bash benchmarks/run_gpu.sh STAGE...     STAGE: tests | sync | actor | learner3b | learner7b | e2e
+#   bash benchmarks/run_gpu.sh STAGE...     STAGE: tests | sync | actor | judge | learner3b | learner7b | e2e
 # Installs the bundle once (/tmp/site), writes model assets once (/tmp/pr1-assets), runs the stages,
 # logs and result JSON to $OUT (and benchmarks/results/).
 set -u
@@ -26,12 +26,13 @@ run() {  # run NAME SECONDS CMD...
 }
 for stage in "$@"; do
     case "$stage" in
-        tests) run tests 260 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -k "${TESTS_K:-.}" ;;
+        tests) run tests ${TESTS_LIMIT:-420} python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -k "${TESTS_K:-.}" ;;
         sync) run sync ${SYNC_LIMIT:-200} python3 -m benchmarks.bench_weight_sync /tmp/pr1-assets/vl7b --rounds 4 --eager ;;
-        actor) run actor 560 python3 -m benchmarks.bench_vllm_actor /tmp/pr1-assets/vl7b --prompts 64 --n 8 --max-tokens 512 ;;
+        actor) run actor 560 python3 -m benchmarks.bench_vllm_actor /tmp/pr1-assets/vl7b --prompts ${ACTOR_PROMPTS:-256} --n 8 --max-tokens 2048 --eager ;;
         learner3b) run learner3b 130 python3 -m benchmarks.bench_learner /tmp/pr1-assets/vl3b --gpus 1 ;;
         learner7b) run learner7b 400 python3 -m benchmarks.bench_learner /tmp/pr1-assets/vl7b --gpus 2 --groups 2 ;;
         e2e) run e2e 560 python3 -m benchmarks.bench_async configs/bench-2gpu-3b.yaml --staleness 0 2 --steps ${E2E_STEPS:-6} --name async_sync_2gpu_3b ;;
+        judge) run judge 560 python3 -m benchmarks.bench_judge /tmp/pr1-assets --shapes judge7b judge32b_awq --verdicts 1024 ${JUDGE_ARGS:-} ;;
     esac
 done
 cp benchmarks/results/*.json "$out/" 2>/dev/null
