@@ -9,7 +9,9 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB
 export VLLM_ALLOW_INSECURE_SERIALIZATION=1 RAY_USAGE_STATS_ENABLED=0 MLFLOW_ALLOW_FILE_STORE=true MLFLOW_TRACKING_URI=file:///tmp/mlruns
 out="${OUT:-/tmp/out}"; mkdir -p "$out"
 . /tmp/bundle/install.sh /tmp/bundle /tmp/site > "$out/install.log" 2>&1 || { tail "$out/install.log"; exit 1; }
-if [ -d .whl ] && [ ! -f /tmp/site-extra/.pr1-extra ]; then  # Serve/dashboard extras the bundle lacks (.whl)
+# .whl (carried): wheels the bundle lacks. Ray Serve imports grpc_reflection: grpcio-reflection 1.84.0, the
+# version of the image's grpcio (1.84.0; a newer one refuses to import). pip download --no-deps into .whl/.
+if [ -d .whl ] && [ ! -f /tmp/site-extra/.pr1-extra ]; then
     # a separate target: `pip --target --upgrade` replaces whole top-level folders (opentelemetry/)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-extra .whl/*.whl >> "$out/install.log" 2>&1 \
         && rm -rf /tmp/site-extra/opentelemetry/__init__.py && touch /tmp/site-extra/.pr1-extra
