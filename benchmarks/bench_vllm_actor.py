@@ -164,7 +164,7 @@ def dispatch(cfg, actor, batch: list) -> tuple[list, float]:
     return counting.groups, seconds
 
 
-def in_actor(args, cfg, limits: dict[str, int]) -> dict:
+def in_actor(args, cfg, limits: dict[str, int]) -> list[dict]:
     import ray
 
     from actors.actor import remote_class
@@ -180,11 +180,27 @@ def in_actor(args, cfg, limits: dict[str, int]) -> dict:
     init_s = time.perf_counter() - start
     batch = prompts(args.prompts)
     dispatch(cfg, actor, batch[:args.warmup])
-    groups, seconds = dispatch(cfg, actor, batch)
+    rows = [_row("generation actor", init_s, *dispatch(cfg, actor, batch))]
+    if args.one_call:
+        rows.append(_row("actor, one call", init_s, *one_call(actor, batch)))
     ray.shutdown()
+    return rows
+
+
+def one_call(actor, batch: list) -> tuple[list, float]:
+    """Every prompt in one streaming call (the bare run's submission, inside the actor): separates the cost
+    of the actor process from the cost of dispatch."""
+    import ray
+
+    start = time.perf_counter()
+    groups = [ray.get(ref, timeout=1800)[1] for ref in actor.stream.remote(batch)]
+    return groups, time.perf_counter() - start
+
+
+def _row(mode: str, init_s: float, groups: list, seconds: float) -> dict:
     tokens = sum(g.num_completion_tokens for g in groups)
-    return {"mode": "generation actor", "init_s": init_s, "seconds": seconds, "tokens": tokens,
-            "tokens_per_s": tokens / seconds, **percentiles([g.generate_seconds for g in groups])}
+    return {"mode": mode, "init_s": init_s, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+            **percentiles([g.generate_seconds for g in groups])}
 
 
 def main() -> None:
@@ -201,6 +217,8 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.8, help="log-normal sigma of the token limits")
     parser.add_argument("--warmup", type=int, default=16, help="prompts run once before each measurement")
     parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--one-call", action="store_true",
+                        help="also every prompt in one call to the actor (actor-process cost without dispatch)")
     args = parser.parse_args()
     cfg = config(args)
     limits = token_limits([p.id for p in prompts(args.prompts)], median=args.median_tokens, sigma=args.sigma,
@@ -208,14 +226,16 @@ def main() -> None:
     spread = percentiles([float(v) for v in limits.values()])
     print("token limits: mean %.0f, p50 %.0f, p90 %.0f, p99 %.0f, max %.0f" % (
         np.mean(list(limits.values())), spread["p50_s"], spread["p90_s"], spread["p99_s"], spread["max_s"]))
-    rows = [bare(args, cfg, limits), in_actor(args, cfg, limits)]
+    rows = [bare(args, cfg, limits), *in_actor(args, cfg, limits)]
     print_table(f"vLLM in a generation actor (driver dispatch, streamed groups) vs bare ({args.model})", rows)
     ratio = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
     print(f"vllm_in_actor_ratio = {ratio:.3f}  (in-flight target {cfg.rollout.inflight_target} sequences, "
           f"{cfg.rollout.prompts_per_call} prompts per call)")
     print("wrote", write_result("vllm_in_actor", config=vars(args) | {
         "inflight_target": cfg.rollout.inflight_target, "token_limit_mean": float(np.mean(list(limits.values())))},
-        metrics={"vllm_in_actor_ratio": ratio, "bare": rows[0], "actor": rows[1]}))
+        metrics={"vllm_in_actor_ratio": ratio, "bare": rows[0], "actor": rows[1]}
+        | ({"actor_one_call_ratio": rows[2]["tokens_per_s"] / rows[0]["tokens_per_s"], "actor_one_call": rows[2]}
+           if len(rows) > 2 else {})))
 
 
 if __name__ == "__main__":
