@@ -287,6 +287,13 @@ CASES = [
                                          "buffer": {"max_staleness": 0}}),
          says=("rollout.prompts_per_call (4) exceeds what the buffer lets one call reserve", "= 2",
                "lower rollout.prompts_per_call")),
+    Case("inflight-below-a-call", config({"rollout": {"prompts_per_call": 4, "samples_per_prompt": 8,
+                                                      "inflight_sequences_per_actor": 16}}),
+         says=("rollout.inflight_sequences_per_actor (16) is below one call's sequences", "= 32",
+               "raise it or lower prompts_per_call")),
+    Case("inflight-in-calls", config({"rollout": {"max_inflight_per_actor": 4}}),
+         says=("rollout.max_inflight_per_actor (calls) was replaced by rollout.inflight_sequences_per_actor",
+               "remove max_inflight_per_actor")),
     Case("moved-key", config({"learner": {"loss": {"drop_uniform_groups": True}}}),
          says=("learner.loss.drop_uniform_groups: this key moved; write it as buffer.drop_uniform_groups",)),
     # command line
