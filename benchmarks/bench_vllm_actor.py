@@ -83,7 +83,7 @@ def bare(args, cfg, limits: dict[str, int]) -> dict:
         t0, final = time.perf_counter(), None
         async for out in engine.generate(prompt, params, request_id=tag):
             final = out
-        return sum(len(o.token_ids) for o in final.outputs), time.perf_counter() - t0
+        return sum(len(o.token_ids) for o in final.outputs), time.perf_counter() - t0, time.perf_counter()
 
     async def run(batch, tag):
         return await asyncio.gather(*[one(f"{tag}{i}", p, s) for i, (p, s) in enumerate(batch)])
@@ -96,9 +96,23 @@ def bare(args, cfg, limits: dict[str, int]) -> dict:
     engine.shutdown()
     loop.close()
     gc.collect()
-    tokens = sum(t for t, _ in done)
+    tokens = sum(t for t, _, _ in done)
     return {"mode": "bare vLLM", "init_s": init_s, "seconds": seconds, "tokens": tokens,
-            "tokens_per_s": tokens / seconds, **percentiles([s for _, s in done])}
+            "tokens_per_s": tokens / seconds, **token_times([(end - start, t) for t, _, end in done]),
+            **percentiles([s for _, s, _ in done])}
+
+
+def token_times(completions: list[tuple[float, int]]) -> dict[str, float]:
+    """When 50 % and 90 % of a run's output tokens had come back, in seconds from its start, from
+    (finish offset, tokens) per request: a run slower throughout has both later than another; a run that
+    loses only its tail has them close and a longer wall."""
+    total, done, out = sum(t for _, t in completions), 0, {}
+    for at, tokens in sorted(completions):
+        done += tokens
+        for q in (50, 90):
+            if done >= total * q / 100:
+                out.setdefault(f"t{q}_s", at)
+    return out
 
 
 # -------------------------------------------------------------------------------------- in actor
@@ -118,7 +132,7 @@ class _Counting:
     every group it is given (no judge: rewards are not what is measured)."""
 
     def __init__(self, total: int) -> None:
-        self.left, self.groups, self.closed = total, [], asyncio.Event()
+        self.left, self.groups, self.finished = total, [], []
 
     async def reserve(self, n: int) -> bool:
         if self.left < n:
@@ -131,6 +145,7 @@ class _Counting:
 
     async def put(self, scored) -> bool:
         self.groups.append(scored.group)
+        self.finished.append(time.perf_counter())
         return True
 
     async def score(self, group):
@@ -140,8 +155,8 @@ class _Counting:
         return ScoredGroup(group=group, rewards=(zero,) * len(group.rollouts), judge_seconds=0.0)
 
 
-def dispatch(cfg, actor, batch: list) -> tuple[list, float]:
-    """The driver's dispatch loop over `batch` on one actor: (groups, seconds)."""
+def dispatch(cfg, actor, batch: list) -> tuple[list, float, list[float]]:
+    """The driver's dispatch loop over `batch` on one actor: (groups, seconds, each group's finish offset)."""
     from perception_r1.adapters import RayGenerator
     from perception_r1.orchestrator import DispatchSettings, Orchestrator
     from perception_r1.stream import PromptStream
@@ -161,7 +176,7 @@ def dispatch(cfg, actor, batch: list) -> tuple[list, float]:
     asyncio.run(run())
     seconds = time.perf_counter() - start
     assert len(counting.groups) == len(batch), (len(counting.groups), len(batch), orchestrator.counters)
-    return counting.groups, seconds
+    return counting.groups, seconds, [at - start for at in counting.finished]
 
 
 def in_actor(args, cfg, limits: dict[str, int]) -> list[dict]:
@@ -187,19 +202,22 @@ def in_actor(args, cfg, limits: dict[str, int]) -> list[dict]:
     return rows
 
 
-def one_call(actor, batch: list) -> tuple[list, float]:
+def one_call(actor, batch: list) -> tuple[list, float, list[float]]:
     """Every prompt in one streaming call (the bare run's submission, inside the actor): separates the cost
     of the actor process from the cost of dispatch."""
     import ray
 
-    start = time.perf_counter()
-    groups = [ray.get(ref, timeout=1800)[1] for ref in actor.stream.remote(batch)]
-    return groups, time.perf_counter() - start
+    start, groups, finished = time.perf_counter(), [], []
+    for ref in actor.stream.remote(batch):
+        groups.append(ray.get(ref, timeout=1800)[1])
+        finished.append(time.perf_counter() - start)
+    return groups, time.perf_counter() - start, finished
 
 
-def _row(mode: str, init_s: float, groups: list, seconds: float) -> dict:
+def _row(mode: str, init_s: float, groups: list, seconds: float, finished: list[float]) -> dict:
     tokens = sum(g.num_completion_tokens for g in groups)
     return {"mode": mode, "init_s": init_s, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+            **token_times([(at, g.num_completion_tokens) for at, g in zip(finished, groups)]),
             **percentiles([g.generate_seconds for g in groups])}
 
 
