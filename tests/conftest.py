@@ -2,11 +2,11 @@
 in-process tests (see `shared_ray`)."""
 
 import os
-import socket
 import time
 import warnings
 
 import pytest
+from ports import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -25,13 +25,6 @@ def tiny_model_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_model_path) -> str:
     return str(tiny_model_path)
-
-
-def free_port() -> int:
-    """A port free now on loopback (for a run's Serve HTTP proxy: tests may run side by side)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shared_ray():

@@ -2,17 +2,11 @@
 the project's judge client, measurement, JSON), and the text-only judge folder it writes for vLLM."""
 
 import json
-import socket
 
 import pytest
+from ports import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_lexical_judge_benchmark_writes_its_metrics(ray_cluster, tmp_path):

@@ -7,11 +7,11 @@ step's total reward scatters by ~0.12 around its trend and a 10-step window diff
 rose by +0.151 (total) and +0.131 (accuracy) there and by +0.153 / +0.103 in a separate run; the
 thresholds below sit about three of those standard deviations under what it measured."""
 
-import socket
 import statistics
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -19,12 +19,6 @@ WINDOW = 10
 """Steps averaged at each end (10 rather than the benchmark's 5: half the scatter of the difference)."""
 MIN_RISE = {"reward/total": 0.0, "reward/accuracy": 0.0, "reward/visual": -0.05}
 """Last-window mean minus first-window mean must exceed these (visual: it must not fall)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def window_rise(history: list[dict[str, float]], key: str) -> float:

@@ -4,25 +4,19 @@ initial model's) and evaluated on the synthetic set from the run folder and from
 errors name the fix. The same run's system metrics are on the cluster's Prometheus endpoint."""
 
 import json
-import socket
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from ports import free_port
 
 from perception_r1.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_NAME = "export-run"
 """The run's name, which tags its metrics (other modules' runs on the shared cluster are `demo-cpu`)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["sft.enabled=false", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=24", "learner.prompts_per_step=2",
@@ -34,12 +34,6 @@ def overrides(tmp_path: Path, tiny_model: Path, *extra: str) -> list[str]:
 def cli(args: list[str], *, env=None, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "perception_r1.cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------- checkpoints

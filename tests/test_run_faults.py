@@ -4,12 +4,12 @@ killed mid-run, a weight sync that hangs. Nothing is trained twice; the run fini
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -23,12 +23,6 @@ def small(tmp_path: Path, tiny_model: Path, *extra: str) -> list[str]:
             "tracking.log_rollouts_every=0", "data.dataset.num_problems=64", f"run.output_dir={tmp_path}",
             f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db", f"model.cache_dir={tiny_model.parent}",
             "sync.timeout_s=60", *extra]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_in_thread(cfg):

@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_ENV = "PR1_TEST_JUDGE_API_KEY"
@@ -327,12 +328,6 @@ def _socket_owners(pids: set[int]) -> dict[str, str]:
     return owners
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_api_key_stays_out_of_logs_mlflow_params_and_checkpoints(tmp_path, tiny_model_path, capfd, monkeypatch,
                                                                  own_ray):
@@ -352,7 +347,7 @@ def test_api_key_stays_out_of_logs_mlflow_params_and_checkpoints(tmp_path, tiny_
         return fake_judge.lexical_reply(messages)
 
     server = fake_judge.FakeJudge(reply=reply).start()
-    uri, http_port = f"sqlite:///{tmp_path}/mlflow.db", _free_port()
+    uri, http_port = f"sqlite:///{tmp_path}/mlflow.db", free_port()
     mlflow.set_tracking_uri(uri)
     mlflow.create_experiment("security", artifact_location=str(tmp_path / "artifacts"))
     judge = f"{{type: external, base_url: '{server.url}', model: fake-judge, api_key_env: {KEY_ENV}}}"

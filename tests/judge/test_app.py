@@ -3,25 +3,19 @@ in-process oracle, the lexical judge answers the OpenAI routes, and 200 concurre
 requests all come back right (p50/p99 latency printed)."""
 
 import asyncio
-import socket
 import time
 
 import numpy as np
 import pytest
 import requests
 from judge_helpers import expected_rewards, make_group
+from ports import free_port
 
 from core import codec
 from core.config import JudgeConfig
 from core.records import ScoredGroup
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

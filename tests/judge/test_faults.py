@@ -4,12 +4,12 @@ finishes within its deadline with counted fallbacks, the breaker opens, and once
 the breaker closes and scoring recovers."""
 
 import asyncio
-import socket
 import time
 
 import pytest
 from fake_judge import FakeJudge
 from judge_helpers import expected_rewards, make_group
+from ports import free_port
 
 from core.config import ExternalJudgeConfig, JudgeConfig
 
@@ -17,12 +17,6 @@ pytestmark = pytest.mark.slow
 
 TIMEOUT_S, RETRIES, RESET_S, FAILURES = 0.5, 1, 1.5, 4
 DEADLINE_S = (RETRIES + 1) * TIMEOUT_S + 0.5 + 1.0  # attempts + one backoff (<= 0.5 s) + Serve overhead
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,13 @@ in one process and in two gloo ranks under FSDP2, and each rank reads only its o
 
 import json
 import os
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+from ports import free_port
 
 from core.config import LearnerConfig
 from learner.policy import load_policy
@@ -115,7 +115,10 @@ def _rank_main(rank: int, world: int, port: int, model_dirs: list[str], out_dir:
 
 
 def _load_and_save(model_dir: str, out: Path, materialised: list[int]) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     model, stats = load_policy(model_dir, cfg=LearnerConfig(), device=torch.device("cpu"))
     local = sum(p.to_local().numel() * 4 for p in model.parameters())
@@ -171,17 +174,11 @@ def _count_materialised(safetensors_module) -> list[int]:
     return count
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_each_read_only_their_shards(tiny_model_dir, tied_bf16_dir, tmp_path):
     import torch.multiprocessing as mp
 
     dirs = [tiny_model_dir, tied_bf16_dir]
-    context = mp.start_processes(_rank_main, args=(2, _free_port(), dirs, str(tmp_path)), nprocs=2,
+    context = mp.start_processes(_rank_main, args=(2, free_port(), dirs, str(tmp_path)), nprocs=2,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + SPAWN_BOUND_S
     while not context.join(timeout=5):
