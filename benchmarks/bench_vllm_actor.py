@@ -241,9 +241,9 @@ def main() -> None:
     cfg = config(args)
     limits = token_limits([p.id for p in prompts(args.prompts)], median=args.median_tokens, sigma=args.sigma,
                           cap=args.max_tokens)
-    spread = percentiles([float(v) for v in limits.values()])
-    print("token limits: mean %.0f, p50 %.0f, p90 %.0f, p99 %.0f, max %.0f" % (
-        np.mean(list(limits.values())), spread["p50_s"], spread["p90_s"], spread["p99_s"], spread["max_s"]))
+    values = list(limits.values())
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    print(f"token limits: mean {np.mean(values):.0f}, p50 {p50:.0f}, p90 {p90:.0f}, p99 {p99:.0f}, max {max(values)}")
     rows = [bare(args, cfg, limits), *in_actor(args, cfg, limits)]
     print_table(f"vLLM in a generation actor (driver dispatch, streamed groups) vs bare ({args.model})", rows)
     ratio = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
