@@ -56,6 +56,38 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {f"p{q}_s": float(np.percentile(values, q)) for q in (50, 90, 99)} | {"max_s": float(max(values))}
 
 
+# ------------------------------------------------------------------------------------- timelines
+def request_timing(prompt_id: str, metrics, received: float) -> dict:
+    """A finished request's timeline from vLLM's per-request stats (`RequestOutput.metrics`, of the group's
+    last child to finish): queued, scheduled, first and last token, on the engine core's `time.monotonic()`,
+    the clock every process of the machine shares; `received` is when the caller's process saw it. None
+    when vLLM kept no stats (`disable_log_stats`)."""
+    if metrics is None:
+        return None
+    n, span = metrics.num_generation_tokens, metrics.last_token_ts - metrics.first_token_ts
+    return {"id": prompt_id, "tokens": n, "queued": metrics.queued_ts, "scheduled": metrics.scheduled_ts,
+            "first": metrics.first_token_ts, "last": metrics.last_token_ts, "received": received,
+            "steps_per_s": (n - 1) / span if n > 1 and span > 0 else None}
+
+
+def timeline_summary(timings: list[dict], start: float) -> dict:
+    """What separates a slower engine from a later start: the decode rate requests saw (engine steps/s,
+    median and p10), their wait in vLLM's queue, the frontend's lag (last token -> the caller's process
+    sees the finished request), and the request that finished last: when it was scheduled, its rate."""
+    timings = [t for t in timings if t]
+    if not timings:
+        return {}
+    rates = [t["steps_per_s"] for t in timings if t["steps_per_s"]]
+    waits = [t["scheduled"] - t["queued"] for t in timings]
+    lags = [t["received"] - t["last"] for t in timings]
+    last = max(timings, key=lambda t: t["last"])
+    return {"steps_per_s_p50": float(np.median(rates)), "steps_per_s_p10": float(np.percentile(rates, 10)),
+            "queue_wait_p50_s": float(np.median(waits)), "queue_wait_max_s": float(max(waits)),
+            "lag_p50_ms": 1000 * float(np.median(lags)), "lag_max_ms": 1000 * float(max(lags)),
+            "last_id": last["id"], "last_tokens": last["tokens"], "last_scheduled_s": last["scheduled"] - start,
+            "last_steps_per_s": last["steps_per_s"]}
+
+
 # ------------------------------------------------------------------------------------------ bare
 def bare(args, cfg, limits: dict[str, int]) -> dict:
     """vLLM alone: AsyncLLM, all requests at once, the same prompt text, images, sampling and limits."""
@@ -77,20 +109,24 @@ def bare(args, cfg, limits: dict[str, int]) -> dict:
         image = vl.prepare_image(p.image, min_pixels=data.min_pixels, max_pixels=data.max_pixels)
         params = vllm_compat.sampling_params(n=args.n, temperature=1.0, top_p=1.0, max_tokens=limits[p.id], seed=0,
                                              suppressed=suppressed)
-        inputs.append((vllm_compat.multimodal_prompt(text, image), params))
+        inputs.append((p.id, vllm_compat.multimodal_prompt(text, image), params))
 
-    async def one(tag, prompt, params):
+    timings = []
+
+    async def one(tag, prompt_id, prompt, params):
         t0, final = time.perf_counter(), None
         async for out in engine.generate(prompt, params, request_id=tag):
             final = out
+        timings.append(request_timing(prompt_id, final.metrics, time.monotonic()))
         return sum(len(o.token_ids) for o in final.outputs), time.perf_counter() - t0, time.perf_counter()
 
     async def run(batch, tag):
-        return await asyncio.gather(*[one(f"{tag}{i}", p, s) for i, (p, s) in enumerate(batch)])
+        return await asyncio.gather(*[one(f"{tag}{i}", *item) for i, item in enumerate(batch)])
 
     loop = asyncio.new_event_loop()
     loop.run_until_complete(run(inputs[:args.warmup], "warm"))
-    start = time.perf_counter()
+    timings.clear()
+    start, anchor = time.perf_counter(), time.monotonic()
     done = loop.run_until_complete(run(inputs, "run"))
     seconds = time.perf_counter() - start
     engine.shutdown()
@@ -99,7 +135,7 @@ def bare(args, cfg, limits: dict[str, int]) -> dict:
     tokens = sum(t for t, _, _ in done)
     return {"mode": "bare vLLM", "init_s": init_s, "seconds": seconds, "tokens": tokens,
             "tokens_per_s": tokens / seconds, **token_times([(end - start, t) for t, _, end in done]),
-            **percentiles([s for _, s, _ in done])}
+            **percentiles([s for _, s, _ in done]), **timeline_summary(timings, anchor)}
 
 
 def token_times(completions: list[tuple[float, int]]) -> dict[str, float]:
@@ -121,10 +157,49 @@ def build_long_tail_engine(*, cfg, model_path: str, limits: dict[str, int]):
     from actors.vllm_engine import VLLMEngine
 
     class LongTailEngine(VLLMEngine):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.timings, generate = [], self.engine.generate
+
+            async def timed(prompt, params, request_id):  # records each finished request's timeline
+                async for out in generate(prompt, params, request_id=request_id):
+                    if out.finished:
+                        self.timings.append(request_timing(params.extra_args["id"], out.metrics, time.monotonic()))
+                    yield out
+
+            self.engine.generate = timed
+
         def params(self, prompt, sampling, seed):
-            return super().params(prompt, dataclasses.replace(sampling, max_new_tokens=limits[prompt.id]), seed)
+            params = super().params(prompt, dataclasses.replace(sampling, max_new_tokens=limits[prompt.id]), seed)
+            params.extra_args = {"id": prompt.id}
+            return params
+
+        def take_timings(self) -> list[dict]:
+            out, self.timings = self.timings, []
+            return out
 
     return LongTailEngine(model_path, cfg=cfg.rollout.engine, data=cfg.data, seed=cfg.run.seed)
+
+
+def _take_timings(actor) -> list[dict]:
+    import ray
+
+    return ray.get(actor.__ray_call__.remote(lambda self: self.engine.take_timings()), timeout=60)
+
+
+def _process_facts(actor) -> dict:
+    """The actor process's CPU settings (inherited by vLLM's engine core), beside this process's."""
+    import os
+
+    import ray
+
+    def facts(_=None) -> dict:
+        import torch
+
+        return {"omp": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads(),
+                "cpus": len(os.sched_getaffinity(0))}
+
+    return {"driver": facts(), "actor": ray.get(actor.__ray_call__.remote(facts), timeout=60)}
 
 
 class _Counting:
@@ -194,10 +269,14 @@ def in_actor(args, cfg, limits: dict[str, int]) -> list[dict]:
     ray.get(actor.version.remote())
     init_s = time.perf_counter() - start
     batch = prompts(args.prompts)
+    print("processes:", _process_facts(actor))
     dispatch(cfg, actor, batch[:args.warmup])
-    rows = [_row("generation actor", init_s, *dispatch(cfg, actor, batch))]
+    _take_timings(actor)
+    anchor = time.monotonic()
+    rows = [_row("generation actor", init_s, *dispatch(cfg, actor, batch), timeline_summary(_take_timings(actor), anchor))]
     if args.one_call:
-        rows.append(_row("actor, one call", init_s, *one_call(actor, batch)))
+        anchor = time.monotonic()
+        rows.append(_row("actor, one call", init_s, *one_call(actor, batch), timeline_summary(_take_timings(actor), anchor)))
     ray.shutdown()
     return rows
 
@@ -214,11 +293,11 @@ def one_call(actor, batch: list) -> tuple[list, float, list[float]]:
     return groups, time.perf_counter() - start, finished
 
 
-def _row(mode: str, init_s: float, groups: list, seconds: float, finished: list[float]) -> dict:
+def _row(mode: str, init_s: float, groups: list, seconds: float, finished: list[float], timeline: dict) -> dict:
     tokens = sum(g.num_completion_tokens for g in groups)
     return {"mode": mode, "init_s": init_s, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
             **token_times([(at, g.num_completion_tokens) for at, g in zip(finished, groups)]),
-            **percentiles([g.generate_seconds for g in groups])}
+            **percentiles([g.generate_seconds for g in groups]), **timeline}
 
 
 def main() -> None:
