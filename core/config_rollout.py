@@ -72,8 +72,12 @@ class RolloutConfig(Section):
 
     @property
     def calls_per_actor(self) -> int:
-        """Calls in flight on an actor at the target (its concurrency), plus one for validation's calls."""
-        return -(-self.inflight_target // self.sequences_per_call) + 1
+        """The actor's concurrency: every call the dispatcher can have open on it. Slots free group by group,
+        so a call stays open while any of its groups runs: up to one call per unfinished group, at most
+        inflight_target / samples_per_prompt of them (a cap by full calls queued calls in Ray while vLLM had
+        room: measured, a late long prompt started 20 s late). Plus one for validation's calls and one for a
+        call whose last group is back but whose Ray task has not ended yet."""
+        return self.inflight_target // self.samples_per_prompt + 2
 
     @model_validator(mode="after")
     def _inflight(self) -> RolloutConfig:

@@ -3,10 +3,14 @@ seams of core/seams.py, the real replay buffer (its asyncio class, in this proce
 takes batches, publishes versions and reports as the real one does. Each case checks the run's outcome
 and its ledger: every stream position ends trained at most once, and the counters say what happened."""
 
+import asyncio
 from pathlib import Path
 
 import pytest
-from driver_fakes import K, N, FakeGenerator, FakeScorer, run_session, trained_ids
+from driver_fakes import K, N, FakeGenerator, FakeScorer, _group, run_session, trained_ids
+
+from core.records import Prompt
+from perception_r1.stream import PromptStream
 
 
 def test_every_prompt_is_trained_once_and_each_step_logged(tmp_path):
@@ -123,3 +127,59 @@ def test_the_loop_imports_no_ray():
     code = ("import sys; import perception_r1.session, perception_r1.orchestrator, replay.buffer; "
             "sys.exit(1 if any(m == 'ray' or m.startswith('ray.') for m in sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0
+
+
+class _LongTailGenerator:
+    """Each call's groups come back one by one, the last one much later than the others (a long completion):
+    counts the calls open at once."""
+
+    def __init__(self) -> None:
+        self.open = self.max_open = 0
+
+    async def stream(self, prompts):
+        self.open += 1
+        self.max_open = max(self.max_open, self.open)
+        try:
+            for i, p in enumerate(prompts):
+                await asyncio.sleep(0.2 if i == len(prompts) - 1 else 0.001)
+                yield i, _group(p, 0, 0, n=N)
+        finally:
+            self.open -= 1
+
+
+class _Prompts:
+    """A buffer that reserves `total` prompts then closes, and keeps nothing."""
+
+    def __init__(self, total: int) -> None:
+        self.left = total
+
+    async def reserve(self, n):
+        self.left -= n
+        return self.left >= 0
+
+    async def put(self, scored):
+        return True
+
+
+def test_the_actor_admits_every_call_the_dispatcher_can_hold_open():
+    """Slots free group by group, so a call with one long group left stays open while new calls go out: the
+    actor's concurrency (rollout.calls_per_actor) must cover one open call per unfinished group, or Ray
+    queues calls that vLLM has room for."""
+    from core.config_files import parse_config
+    from perception_r1.orchestrator import DispatchSettings, Orchestrator
+
+    cfg = parse_config({"rollout": {"samples_per_prompt": N, "prompts_per_call": 4, "inflight_sequences_per_actor": 16}})
+    r, gen = cfg.rollout, _LongTailGenerator()
+    prompts = [Prompt(id=f"p{i}", index=i, problem="<image>x", answer="1", image=b"") for i in range(48)]
+    settings = DispatchSettings(prompts_per_call=r.prompts_per_call, inflight_sequences_per_actor=r.inflight_target,
+                                samples_per_prompt=N, drop_uniform_groups=False)
+    orchestrator = Orchestrator(stream=PromptStream(prompts, shuffle_seed=None), generators=[gen],
+                                scorer=FakeScorer(), buffer=_Prompts(len(prompts)), settings=settings)
+
+    async def run():
+        await orchestrator.run()
+        await orchestrator.drain(timeout_s=30)
+
+    asyncio.run(run())
+    assert gen.max_open > -(-r.inflight_target // r.sequences_per_call)  # more calls open than the target's full calls
+    assert gen.max_open <= r.calls_per_actor - 1  # one is kept for validation
