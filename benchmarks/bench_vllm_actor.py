@@ -130,6 +130,10 @@ def bare(args, cfg, limits: dict[str, int]) -> dict:
     done = loop.run_until_complete(run(inputs, "run"))
     seconds = time.perf_counter() - start
     engine.shutdown()
+    leftover = asyncio.all_tasks(loop)  # vLLM's output handler: ended here, not by a closed loop's error at exit
+    for task in leftover:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
     loop.close()
     gc.collect()
     tokens = sum(t for t, _, _ in done)
