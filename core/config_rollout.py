@@ -75,7 +75,7 @@ class RolloutConfig(Section):
         """The actor's concurrency: every call the dispatcher can have open on it. Slots free group by group,
         so a call stays open while any of its groups runs: up to one call per unfinished group, at most
         inflight_target / samples_per_prompt of them (a cap by full calls queued calls in Ray while vLLM had
-        room: measured, a late long prompt started 20 s late). Plus one for validation's calls and one for a
+        room: on 1xH200 a late long prompt started ~20 s late). Plus one for validation's calls and one for a
         call whose last group is back but whose Ray task has not ended yet."""
         return self.inflight_target // self.samples_per_prompt + 2
 

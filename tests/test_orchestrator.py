@@ -163,7 +163,7 @@ class _Prompts:
 
 def test_the_actor_admits_every_call_the_dispatcher_can_hold_open():
     """Slots free group by group, so a call with one long group left stays open while new calls go out: the
-    actor's concurrency (rollout.calls_per_actor) must cover one open call per unfinished group, or Ray
+    actor's concurrency (RolloutConfig.calls_per_actor) must cover one open call per unfinished group, or Ray
     queues calls that vLLM has room for."""
     from core.config_files import parse_config
     from perception_r1.orchestrator import DispatchSettings, Orchestrator
