@@ -277,10 +277,12 @@ def in_actor(args, cfg, limits: dict[str, int]) -> list[dict]:
     dispatch(cfg, actor, batch[:args.warmup])
     _take_timings(actor)
     anchor = time.monotonic()
-    rows = [_row("generation actor", init_s, *dispatch(cfg, actor, batch), timeline_summary(_take_timings(actor), anchor))]
+    measured = dispatch(cfg, actor, batch)
+    rows = [_row("generation actor", init_s, *measured, timeline_summary(_take_timings(actor), anchor))]
     if args.one_call:
         anchor = time.monotonic()
-        rows.append(_row("actor, one call", init_s, *one_call(actor, batch), timeline_summary(_take_timings(actor), anchor)))
+        measured = one_call(actor, batch)
+        rows.append(_row("actor, one call", init_s, *measured, timeline_summary(_take_timings(actor), anchor)))
     ray.shutdown()
     return rows
 

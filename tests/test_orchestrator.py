@@ -168,7 +168,8 @@ def test_the_actor_admits_every_call_the_dispatcher_can_hold_open():
     from core.config_files import parse_config
     from perception_r1.orchestrator import DispatchSettings, Orchestrator
 
-    cfg = parse_config({"rollout": {"samples_per_prompt": N, "prompts_per_call": 4, "inflight_sequences_per_actor": 16}})
+    cfg = parse_config({"rollout": {"samples_per_prompt": N, "prompts_per_call": 4,
+                                    "inflight_sequences_per_actor": 16}})
     r, gen = cfg.rollout, _LongTailGenerator()
     prompts = [Prompt(id=f"p{i}", index=i, problem="<image>x", answer="1", image=b"") for i in range(48)]
     settings = DispatchSettings(prompts_per_call=r.prompts_per_call, inflight_sequences_per_actor=r.inflight_target,
