@@ -30,7 +30,7 @@ for stage in "$@"; do
     case "$stage" in
         tests) run tests ${TESTS_LIMIT:-420} python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -k "${TESTS_K:-.}" ;;
         sync) run sync ${SYNC_LIMIT:-200} python3 -m benchmarks.bench_weight_sync /tmp/pr1-assets/vl7b --rounds 4 --eager ;;
-        actor) run actor 560 env VLLM_LOG_STATS_INTERVAL=5 python3 -m benchmarks.bench_vllm_actor /tmp/pr1-assets/vl7b --prompts ${ACTOR_PROMPTS:-192} --n 8 --max-tokens 2048 --eager ${ACTOR_ARGS---one-call} ;;
+        actor) run actor 560 python3 -m benchmarks.bench_vllm_actor /tmp/pr1-assets/vl7b --prompts ${ACTOR_PROMPTS:-192} --n 8 --max-tokens 2048 --eager ${ACTOR_ARGS---one-call} ;;
         learner3b) run learner3b 130 python3 -m benchmarks.bench_learner /tmp/pr1-assets/vl3b --gpus 1 ;;
         learner7b) run learner7b 400 python3 -m benchmarks.bench_learner /tmp/pr1-assets/vl7b --gpus 2 --groups 2 ;;
         e2e) run e2e 560 python3 -m benchmarks.bench_async configs/bench-2gpu-3b.yaml --staleness 0 2 --steps ${E2E_STEPS:-6} --name async_sync_2gpu_3b ;;
