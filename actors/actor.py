@@ -111,6 +111,10 @@ class GenerationActor:
         return self.engine.sync_ranks
 
     @ray.method(concurrency_group="sync")
+    def gpu_uuids(self) -> list[str]:
+        return self.engine.gpu_uuids()
+
+    @ray.method(concurrency_group="sync")
     def pid(self) -> int:
         return os.getpid()
 

@@ -103,6 +103,9 @@ class HFEngine:
                        max_version=self._version)
 
     # ------------------------------------------------------------------------------------- weights
+    def gpu_uuids(self) -> list[str]:
+        return [str(torch.cuda.get_device_properties(self.device).uuid)] if self.device.type == "cuda" else []
+
     def join_weight_group(self, spec: WeightGroupSpec) -> None:
         self._group = open_group(backend=spec.backend, host=spec.host, port=spec.port, rank=spec.rank,
                                  world_size=spec.world_size, timeout_s=spec.timeout_s)

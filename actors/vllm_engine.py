@@ -8,8 +8,9 @@ prompt's group as soon as it finishes: a call's long tail holds only its own slo
 A weight update does not drain the engine: it pauses scheduling and drops every cache the old weights
 computed (running requests are preempted and recomputed after the update, keeping what they sampled;
 prefix, multimodal and encoder caches are reset), receives the broadcast straight into the workers
-through vLLM's NCCL weight-transfer API, bumps the version and resumes; requests that spanned it carry
-min_version < max_version. All vLLM-version-specific calls go through core/vllm_compat.py.
+through vLLM's NCCL weight-transfer API (on the learner's own GPU: loads from its CUDA-IPC buffer),
+bumps the version and resumes; requests that spanned it carry min_version < max_version. All
+vLLM-version-specific calls go through core/vllm_compat.py.
 """
 
 from __future__ import annotations
@@ -37,14 +38,14 @@ from core.records import (
 
 class VLLMEngine:
     def __init__(self, model_path: str, *, cfg: VLLMEngineConfig, data: DataConfig, seed: int,
-                 kv_cache_memory_bytes: int | None = None) -> None:
+                 kv_cache_memory_bytes: int | None = None, weight_transfer: str = "nccl") -> None:
         self.data, self.cfg = data, cfg
         self.processor = vl.load_processor(model_path)
         self.suppressed = vl.suppressed_token_ids(self.processor.tokenizer)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="vllm-loop", daemon=True)
         self.thread.start()
-        self.engine = self._call(_make(model_path, cfg, seed, kv_cache_memory_bytes))
+        self.engine = self._call(_make(model_path, cfg, seed, kv_cache_memory_bytes, weight_transfer))
         self.prepare_pool = concurrent.futures.ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="vllm-prepare")
         self._version = 0
         self._ids = itertools.count()
@@ -113,6 +114,9 @@ class VLLMEngine:
         return self.cfg.tensor_parallel_size
 
     def join_weight_group(self, spec: WeightGroupSpec) -> None:
+        if spec.backend == "ipc":  # weights come through the learner's buffer on this GPU: no group to join
+            self._timeout_s = spec.timeout_s
+            return
         self._call(vllm_compat.engine_join_group(self.engine, host=spec.host, port=spec.port, rank_offset=spec.rank,
                                                  world_size=spec.world_size), timeout=spec.timeout_s)
         self._timeout_s = spec.timeout_s
@@ -122,6 +126,13 @@ class VLLMEngine:
         self._call(self._receive(manifest), timeout=self._timeout_s)
 
     async def _receive(self, manifest: WeightManifest) -> None:
+        if manifest.ipc is not None:
+            ipc = manifest.ipc
+            await self._update(manifest.version, lambda: vllm_compat.engine_receive_ipc(
+                self.engine, names=list(manifest.names), dtype_names=list(manifest.dtypes),
+                shapes=[list(s) for s in manifest.shapes], tensor_bytes=list(ipc.tensor_bytes), handles=ipc.handles,
+                load=ipc.load))
+            return
         await self._update(manifest.version, lambda: vllm_compat.engine_receive(
             self.engine, names=list(manifest.names), dtype_names=list(manifest.dtypes),
             shapes=[list(s) for s in manifest.shapes], packed_buffer_bytes=manifest.bucket_bytes))
@@ -154,6 +165,9 @@ class VLLMEngine:
     def weight_samples(self, suffixes: Sequence[str]) -> dict[str, list]:
         return self._call(vllm_compat.worker_weight_corners(self.engine, list(suffixes)))
 
+    def gpu_uuids(self) -> list[str]:
+        return self._call(vllm_compat.worker_gpu_uuids(self.engine))
+
 
 PREPARE_THREADS = 4
 """Threads decoding images and applying the chat template for new requests."""
@@ -161,9 +175,11 @@ DEFAULT_UPDATE_TIMEOUT_S = 600.0
 """Deadline of a weight update before a weight group is joined (which sets the group's own)."""
 
 
-async def _make(model_path: str, cfg: VLLMEngineConfig, seed: int, kv_cache_memory_bytes: int | None):
+async def _make(model_path: str, cfg: VLLMEngineConfig, seed: int, kv_cache_memory_bytes: int | None,
+                weight_transfer: str = "nccl"):
     return vllm_compat.make_async_engine(
         model_path, tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
         max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens, enforce_eager=cfg.enforce_eager,
-        load_format=cfg.load_format, seed=seed, kv_cache_memory_bytes=kv_cache_memory_bytes)
+        load_format=cfg.load_format, seed=seed, kv_cache_memory_bytes=kv_cache_memory_bytes,
+        weight_transfer=weight_transfer)

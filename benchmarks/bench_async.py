@@ -4,11 +4,15 @@ GPU's busy fraction is sampled with nvidia-smi during the measured window.
 
     python -m benchmarks.bench_async configs/demo-cpu.yaml --staleness 0 1 2 --steps 12      # CPU
     python -m benchmarks.bench_async configs/bench-2gpu-3b.yaml --staleness 0 2 --steps 8    # 2 GPUs
+    python -m benchmarks.bench_async configs/gpu1-3b.yaml --staleness 0 --steps 10            # 1 GPU, then
+    python -m benchmarks.bench_async configs/gpu1-3b.yaml --staleness 1 2 --steps 10 --merge  # the rest
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import shutil
 import statistics
@@ -49,10 +53,36 @@ def run_one(config: str, *, staleness: int, steps: int, overrides: list[str], ou
            "sync_s": statistics.mean(m["sync/seconds"] for m in history),
            "staleness_mean": statistics.mean(m.get("staleness/mean", 0.0) for m in history),
            "staleness_max": max(m.get("staleness/max", 0.0) for m in history)}
+    row |= phase_fractions(row, history)
     if gpu is not None:
         row.update(gpu.busy_fractions(start=time.time() - (time.perf_counter() - times[WARMUP_STEPS - 1]),
                                       end=time.time() - (time.perf_counter() - measured[-1])))
     return row
+
+
+def phase_fractions(row: dict, history: list[dict]) -> dict[str, float]:
+    """The share of a step each phase holds (on one GPU: holds the GPU): the learner's update, the weight
+    sync, and generation (the actors' busy time over the wall time, averaged over actors and steps)."""
+    busy = [v for m in history for k, v in m.items() if k.startswith("gen/actor") and k.endswith("/busy_frac")]
+    step = row["step_seconds"]
+    return {"learner_frac": row["learner_step_s"] / step, "sync_frac": row["sync_s"] / step,
+            "gen_busy_frac": statistics.mean(busy) if busy else 0.0}
+
+
+def merged(name: str, rows: list[dict]) -> list[dict]:
+    """`rows` after the rows of an earlier result of this name measured today on this device for other
+    staleness values (one benchmark split over several calls of a time-limited machine)."""
+    from benchmarks.common import RESULTS, device
+
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        return rows
+    earlier = json.loads(path.read_text())
+    if earlier.get("device") != device() or earlier.get("date") != datetime.date.today().isoformat():
+        return rows
+    mine = {r["max_staleness"] for r in rows}
+    kept = [r for k, r in earlier["metrics"].items() if k.startswith("staleness_") and r["max_staleness"] not in mine]
+    return sorted(kept + rows, key=lambda r: r["max_staleness"])
 
 
 class GpuSampler:
@@ -89,19 +119,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--name", default=None, help="result name (default: async_sync_<config stem>)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other staleness rows of today's result of this name on this device")
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="bench-async-"))
     rows = [run_one(args.config, staleness=s, steps=args.steps, overrides=args.overrides, out=out)
             for s in args.staleness]
+    name = args.name or f"async_sync_{Path(args.config).stem}"
+    if args.merge:
+        rows = merged(name, rows)
     base = rows[0]["samples_per_s"]
     for row in rows:
         row["ratio_to_first"] = row["samples_per_s"] / base
     print_table(f"async vs sync ({args.config}, {args.steps} steps, first {WARMUP_STEPS} not measured)", rows)
     metrics = {f"staleness_{r['max_staleness']}": r for r in rows}
     metrics["async_sync_ratio"] = rows[-1]["samples_per_s"] / base
-    name = args.name or f"async_sync_{Path(args.config).stem}"
     print("wrote", write_result(name, config={"config": args.config, "steps": args.steps,
-                                              "staleness": args.staleness, "overrides": args.overrides},
+                                              "staleness": [r["max_staleness"] for r in rows], "overrides": args.overrides},
                                 metrics=metrics))
     shutil.rmtree(out, ignore_errors=True)
 

@@ -3,7 +3,12 @@ and broadcasts every tensor over vLLM's NCCL group into a running vLLM engine (d
 GPU 1, which pauses, loads and resumes. Timed end to end as the learner sees it (gather + wire +
 load + the engines' acknowledgements), several rounds, checked for equality after each.
 
+`--colocated`: learner and engine share one GPU (half a GPU each in Ray's count) and the weights go by
+CUDA IPC (learner/ipc_weights.py): cast into the learner's buffer, then the engine loads from it, each
+round once with each load (`direct`, `layerwise`); rows split the time into the cast and the hand-over.
+
     python -m benchmarks.bench_weight_sync DIR/vl7b --rounds 4
+    python -m benchmarks.bench_weight_sync DIR/vl3b --rounds 4 --colocated --eager
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ CHECK = ["embed_tokens.weight", "lm_head.weight", "layers.27.mlp.down_proj.weigh
          "blocks.31.mlp.down_proj.weight"]
 
 
-@ray.remote(num_gpus=1)
+@ray.remote
 class SyncLearner:
-    def __init__(self, model_path: str, receivers: list, bucket_mb: int) -> None:
+    def __init__(self, model_path: str, receivers: list, bucket_mb: int, transport: str = "vllm") -> None:
         import torch.distributed as dist
 
         from core.config import LearnerConfig
@@ -36,10 +41,10 @@ class SyncLearner:
         self.model, _ = load_policy(model_path, cfg=cfg, device=torch.device("cuda"), random_weights=True)
         self.sender = WeightBroadcaster(receivers=receivers, rank=0, backend="nccl", timeout_s=300,
                                         bucket_bytes=bucket_mb << 20, dtype=torch.bfloat16,
-                                        device=torch.device("cuda"), transport="vllm")
+                                        device=torch.device("cuda"), transport=transport)
         self.connect_s = self.sender.connect()
 
-    def round(self, version: int) -> dict:
+    def round(self, version: int, ipc_load: str = "direct") -> dict:
         from torch.distributed.tensor import DTensor
 
         from core.weights import weight_corners
@@ -49,10 +54,14 @@ class SyncLearner:
                 local = p.to_local() if isinstance(p, DTensor) else p
                 local.add_(0.01)
         torch.cuda.synchronize()
+        self.sender.ipc_load = ipc_load
+        if self.sender.ipc_buffer is not None:
+            self.sender.ipc_buffer.load = ipc_load
         seconds, nbytes = self.sender.broadcast(self.model, version=version)
+        phases = dict(self.sender.last_phases)
         full = {n: (t.full_tensor() if isinstance(t, DTensor) else t).to(torch.bfloat16)
                 for n, t in self.model.state_dict().items() if any(n.endswith(c) for c in CHECK)}
-        return {"seconds": seconds, "bytes": nbytes, "expected": weight_corners(full.items(), CHECK)}
+        return {"seconds": seconds, "bytes": nbytes, "expected": weight_corners(full.items(), CHECK), **phases}
 
 
 def main() -> None:
@@ -61,35 +70,64 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--bucket-mb", type=int, default=1024)
     parser.add_argument("--eager", action="store_true", help="enforce_eager in vLLM (faster start)")
+    parser.add_argument("--colocated", action="store_true", help="learner and engine on one GPU, CUDA IPC")
     args = parser.parse_args()
     from actors.actor import remote_class
     from core.config_files import parse_config
     from core.records import Sampling
     from perception_r1.driver import build_engine
 
-    ray.init(include_dashboard=False, runtime_env={"env_vars": {"NCCL_NVLS_ENABLE": "0"}})
+    ray.init(include_dashboard=False, runtime_env={"env_vars": {"NCCL_NVLS_ENABLE": "0"}},
+             num_gpus=1 if args.colocated else None)
+    share = 0.5 if args.colocated else 1
     cfg = parse_config({"model": {"type": "pretrained", "path": args.model, "random_weights": True},
                         "rollout": {"engine": {"type": "vllm", "load_format": "dummy", "enforce_eager": args.eager,
-                                               "gpu_memory_utilization": 0.6, "max_model_len": 4096},
-                                    "num_gpus_per_actor": 1}})
-    actor = remote_class(generate_concurrency=1).options(num_gpus=1).remote(
+                                               "gpu_memory_utilization": 0.3 if args.colocated else 0.6,
+                                               "max_model_len": 4096}, "num_gpus_per_actor": share},
+                        "learner": {"num_gpus_per_worker": share, "dtype": "bfloat16",
+                                    "gpu_memory_fraction": 0.6 if args.colocated else None}})
+    actor = remote_class(generate_concurrency=1).options(num_gpus=share).remote(
         actor_id=0, build_engine=functools.partial(build_engine, cfg=cfg, model_path=args.model),
         sampling=Sampling(1, 1.0, 1.0, 8))
-    learner = SyncLearner.remote(args.model, [actor], args.bucket_mb)
+    ray.get(actor.sync_ranks.remote())  # the engine is up before the learner allocates on its GPU
+    learner = SyncLearner.options(num_gpus=share).remote(args.model, [actor], args.bucket_mb,
+                                                         "ipc" if args.colocated else "vllm")
+    loads = ["direct", "layerwise"] if args.colocated else ["nccl"]
     rows = []
-    for version in range(1, args.rounds + 1):
-        out = ray.get(learner.round.remote(version))
+    for version in range(1, args.rounds * len(loads) + 1):
+        load = loads[(version - 1) % len(loads)]
+        out = ray.get(learner.round.remote(version, load))
         got_version, got = ray.get(actor.weight_samples.remote(CHECK))
-        rows.append({"round": version, "seconds": out["seconds"], "GB": out["bytes"] / 1e9,
+        rows.append({"round": version, "load": load, "seconds": out["seconds"], "GB": out["bytes"] / 1e9,
                      "GB_per_s": out["bytes"] / 1e9 / out["seconds"],
-                     "equal": got_version == version and got == out["expected"] and len(got) == len(CHECK)})
-    print_table(f"weight sync learner GPU -> vLLM GPU ({args.model})", rows)
-    steady = rows[1:] or rows
-    metrics = {"weight_sync_7b_s": min(r["seconds"] for r in steady),
-               "weight_sync_mean_s": sum(r["seconds"] for r in steady) / len(steady),
-               "gbytes": rows[0]["GB"], "all_equal": all(r["equal"] for r in rows), "rounds": rows}
-    print("wrote", write_result("weight_sync_7b", config=vars(args), metrics=metrics))
+                     **{k: v for k, v in out.items() if k.endswith("_s")},
+                     "equal": equal(got_version == version, got, out["expected"])})
+    where = "the same GPU (CUDA IPC)" if args.colocated else "another GPU (NCCL)"
+    print_table(f"weight sync learner -> vLLM engine on {where} ({args.model})", rows)
+    print("wrote", write_result(*summary(args, rows, loads)))
     ray.shutdown()
+
+
+def equal(version_ok: bool, got: dict, expected: dict) -> bool:
+    """The engine's corners equal the learner's for every tensor it has of CHECK (a model with tied embeddings
+    has no lm_head of its own in vLLM), and that is at least four of them."""
+    return version_ok and len(got) >= 4 and all(expected.get(k) == v for k, v in got.items())
+
+
+def summary(args, rows: list[dict], loads: list[str]) -> tuple[str, dict, dict]:
+    """(result name, config, metrics): per load, the best and mean of the rounds after each load's first."""
+    metrics: dict = {"gbytes": rows[0]["GB"], "all_equal": all(r["equal"] for r in rows), "rounds": rows}
+    for load in loads:
+        mine = [r for r in rows if r["load"] == load]
+        steady = mine[1:] or mine
+        metrics[f"{load}_best_s"] = min(r["seconds"] for r in steady)
+        metrics[f"{load}_mean_s"] = sum(r["seconds"] for r in steady) / len(steady)
+    if args.colocated:
+        best = min(loads, key=lambda load: metrics[f"{load}_best_s"])
+        metrics |= {"weight_sync_colocated_s": metrics[f"{best}_best_s"], "best_load": best}
+        return "weight_sync_colocated", vars(args), metrics
+    metrics |= {"weight_sync_7b_s": metrics["nccl_best_s"], "weight_sync_mean_s": metrics["nccl_mean_s"]}
+    return "weight_sync_7b", vars(args), metrics
 
 
 if __name__ == "__main__":

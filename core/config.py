@@ -11,6 +11,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, Field, model_validator
 
 from core.config_base import Section
+from core.config_colocation import colocation_problems
 from core.config_judge import (  # noqa: F401 -- re-exported: the schema's judge sections live there
     ExternalJudgeConfig,
     JudgeConfig,
@@ -185,7 +186,13 @@ class OptimizerConfig(Section):
 class LearnerConfig(Section):
     num_workers: int = Field(1, ge=1)
     """Ray Train workers (FSDP2 ranks)."""
-    num_gpus_per_worker: int = Field(0, ge=0, le=1)
+    num_gpus_per_worker: float = Field(0, ge=0, le=1)
+    """0: CPU; 1: a GPU of its own; a fraction (e.g. 0.5): the worker shares its GPU with a vLLM generation
+    actor (`rollout.num_gpus_per_actor` a fraction too), which receives weights through CUDA IPC."""
+    gpu_memory_fraction: float | None = Field(None, gt=0.0, le=1.0)
+    """The learner's share of its GPU's memory when it shares the GPU with a generation engine: torch's
+    allocator is capped there, so the learner never takes the engine's part (an out-of-memory error names
+    the fields instead). Needed with a fractional num_gpus_per_worker; None on a GPU of its own."""
     cpus_per_worker: float = Field(1.0, gt=0.0)
     """CPUs Ray reserves per worker (Ray Train needs a non-zero bundle; fractions are allowed)."""
     num_threads: int = Field(1, ge=1)
@@ -227,6 +234,15 @@ class SyncConfig(Section):
     """A collective that does not finish in this time fails the run naming the stuck peer."""
     bucket_mb: int = Field(512, ge=1)
     """Size of the flat buffers the weights are packed into for broadcast."""
+    verify_every_steps: int = Field(0, ge=0)
+    """Every this many steps, after the sync, compare a few tensors of each actor's weights with the learner's
+    (a gather of three small tensors and one call per actor); a difference stops the run naming the actor.
+    0: never."""
+    ipc_load: Literal["direct", "layerwise"] = "direct"
+    """How an engine sharing the learner's GPU loads weights from the learner's CUDA-IPC buffer: `direct`
+    (the model's own weight loaders copy straight from the shared buffer into the live parameters) or
+    `layerwise` (vLLM's IPC weight-transfer backend: a private copy, then vLLM's layer-wise reload, which also
+    reprocesses quantized layers). Measured in benchmarks/README.md (weight_sync_colocated)."""
 
 
 class SFTConfig(Section):
@@ -334,6 +350,11 @@ class Config(Section):
         return self
 
     @property
+    def colocated(self) -> bool:
+        """The learner shares its GPU with the generation engines (fractional GPUs): weights go by CUDA IPC."""
+        return 0 < self.learner.num_gpus_per_worker < 1
+
+    @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
 
@@ -375,6 +396,7 @@ def _cross_field_problems(cfg: Config) -> list[str]:
             and engine.load_format != "dummy"):
         problems.append("model.random_weights needs rollout.engine.load_format: dummy (vLLM would look for weights)")
     problems += _staleness_problems(cfg)
+    problems += colocation_problems(cfg)  # core/config_colocation.py
     requested = resources_requested(cfg)["GPU"]
     cpus = resources_requested(cfg)["CPU"]
     if cfg.cluster.num_cpus is not None and cpus > cfg.cluster.num_cpus:
@@ -389,7 +411,7 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         problems.append(
             f"the config asks for {requested:g} GPUs (rollout.num_actors x rollout.num_gpus_per_actor = "
             f"{cfg.rollout.num_actors}x{cfg.rollout.num_gpus_per_actor:g}, learner.num_workers x "
-            f"learner.num_gpus_per_worker = {cfg.learner.num_workers}x{gpus}{judge_text}) but cluster.num_gpus is "
+            f"learner.num_gpus_per_worker = {cfg.learner.num_workers}x{gpus:g}{judge_text}) but cluster.num_gpus is "
             f"{cfg.cluster.num_gpus}; lower the counts or raise cluster.num_gpus")
     return problems
 

@@ -20,6 +20,8 @@ class VLLMEngineConfig(Section):
     type: Literal["vllm"] = "vllm"
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.7, gt=0.0, le=0.98)
+    """The engine's share of its GPU's memory (weights, activations, KV cache). On a GPU shared with the
+    learner, this plus learner.gpu_memory_fraction must leave room for both processes' CUDA contexts."""
     max_model_len: int = Field(8192, ge=256)
     max_num_seqs: int = Field(1024, ge=1)
     max_num_batched_tokens: int = Field(8192, ge=256)
@@ -33,6 +35,8 @@ class RolloutConfig(Section):
     engine: Annotated[Union[HFEngineConfig, VLLMEngineConfig], Field(discriminator="type")] = HFEngineConfig()
     num_actors: int = Field(1, ge=1)
     num_gpus_per_actor: float = Field(0.0, ge=0.0)
+    """GPUs each actor asks Ray for: the engine's tensor_parallel_size, or a fraction (e.g. 0.5) to share a
+    GPU with a learner worker (one GPU for the whole system: README "One GPU")."""
     max_restarts: int = Field(3, ge=0)
     """How many times Ray restarts a crashed generation actor."""
     samples_per_prompt: int = Field(8, ge=2)
@@ -91,10 +95,12 @@ class RolloutConfig(Section):
     @model_validator(mode="after")
     def _engine(self) -> RolloutConfig:
         tp = getattr(self.engine, "tensor_parallel_size", None)
-        if isinstance(self.engine, VLLMEngineConfig) and self.num_gpus_per_actor != tp:
+        shares_a_gpu = tp == 1 and 0 < self.num_gpus_per_actor < 1  # colocated with the learner (Config.colocated)
+        if isinstance(self.engine, VLLMEngineConfig) and self.num_gpus_per_actor != tp and not shares_a_gpu:
             raise ValueError(
                 f"rollout.engine.tensor_parallel_size={tp} needs rollout.num_gpus_per_actor = {tp} (got "
                 f"{self.num_gpus_per_actor:g}): vLLM runs one worker per GPU of the actor's tensor-parallel group "
                 f"(fewer GPUs: it fails at start; more: Ray holds GPUs nobody uses); set rollout.num_gpus_per_actor: "
-                f"{tp} or rollout.engine.tensor_parallel_size to the GPUs per actor")
+                f"{tp} or rollout.engine.tensor_parallel_size to the GPUs per actor (a fraction below 1 with "
+                "tensor_parallel_size 1: the engine shares its GPU with a learner worker)")
         return self

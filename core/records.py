@@ -247,6 +247,21 @@ class WeightManifest:
     """torch dtype names without the `torch.` prefix, e.g. `float32`, `bfloat16`."""
     bucket_bytes: int
     """Tensors are packed into flat buckets of at most this many bytes (one tensor may exceed it)."""
+    ipc: IPCWeights | None = None
+    """Set when the weights are not broadcast but lie in the learner's CUDA-IPC buffer on the receiver's GPU."""
+
+
+@dataclass(frozen=True, slots=True)
+class IPCWeights:
+    """Where an engine on the learner's GPU reads a weight update: one flat buffer holding the manifest's
+    tensors back to back (no padding), shared by CUDA IPC."""
+
+    handles: bytes
+    """A pickled {GPU UUID: torch's `rebuild_cuda_tensor` arguments} (one entry per learner rank's GPU)."""
+    tensor_bytes: tuple[int, ...]
+    """Bytes of each manifest tensor in the buffer, in order."""
+    load: str
+    """`direct` or `layerwise` (config: sync.ipc_load)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +274,7 @@ class WeightGroupSpec:
     """1..N for actors (the learner is rank 0)."""
     world_size: int
     backend: str
-    """`gloo` or `nccl`."""
+    """`gloo` or `nccl`; `ipc` for an engine on the learner's GPU (no group: `port` only names the connection)."""
     timeout_s: float
 
 

@@ -90,6 +90,10 @@ class Engine(Protocol):
     def sync_ranks(self) -> int:
         """Ranks this engine takes in the weight broadcast group (its tensor-parallel workers)."""
 
+    def gpu_uuids(self) -> list[str]:
+        """The UUID of each GPU its workers run on ([] on CPU): a learner on one of them hands weights over
+        by CUDA IPC."""
+
 
 class Generator(Protocol):
     """A generation actor as the driver's loop calls it."""
@@ -112,6 +116,9 @@ class WeightReceiver(Protocol):
     def sync_ranks(self) -> int:
         """Ranks it takes in the broadcast group."""
 
+    def gpu_uuids(self) -> list[str]:
+        """The UUIDs of the GPUs its engine runs on."""
+
     def join_weight_group(self, spec: WeightGroupSpec) -> None:
         """Join the group (ranks spec.rank..); returns once every rank joined."""
 
@@ -119,7 +126,8 @@ class WeightReceiver(Protocol):
         """The port of the group joined; 0 when none (an actor Ray just restarted)."""
 
     def receive_weights(self, manifest: WeightManifest) -> int:
-        """Take part in one broadcast; the weights apply at the next safe point. Returns the version staged."""
+        """Take part in one broadcast (or, with `manifest.ipc`, read the learner's buffer on this GPU); the
+        weights apply at the next safe point. Returns the version staged."""
 
 
 # --------------------------------------------------------------------------------------- scoring

@@ -8,6 +8,7 @@ of vLLM's NCCL weight-transfer group). When vLLM moves, this module is what chan
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -30,9 +31,10 @@ def check_version() -> str:
 def make_async_engine(model_path: str, *, tensor_parallel_size: int, gpu_memory_utilization: float,
                       max_model_len: int, max_num_seqs: int = 1024, max_num_batched_tokens: int = 8192,
                       enforce_eager: bool, load_format: str, seed: int, kv_cache_memory_bytes: int | None = None,
-                      weight_transfer: bool = True, multimodal: bool = True):
-    """An AsyncLLM; for generation actors with vLLM's NCCL weight-transfer backend and logprobs of the
-    processed (sampled) distribution; for the judge a plain text engine."""
+                      weight_transfer: str | None = "nccl", multimodal: bool = True):
+    """An AsyncLLM; for generation actors with a vLLM weight-transfer backend (`nccl`, or `ipc` for an engine
+    on the learner's GPU) and logprobs of the processed (sampled) distribution; for the judge (None) a plain
+    text engine."""
     check_version()
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # avoids minutes of JIT at start (gpu notes)
     # vLLM forks its engine-core process unless it sees CUDA already initialised; a caller that touched CUDA
@@ -46,7 +48,8 @@ def make_async_engine(model_path: str, *, tensor_parallel_size: int, gpu_memory_
 
     extra = {"kv_cache_memory_bytes": kv_cache_memory_bytes} if kv_cache_memory_bytes else {}
     if weight_transfer:
-        extra |= {"weight_transfer_config": WeightTransferConfig(backend="nccl"), "logprobs_mode": "processed_logprobs"}
+        extra |= {"weight_transfer_config": WeightTransferConfig(backend=weight_transfer),
+                  "logprobs_mode": "processed_logprobs"}
     if multimodal:
         extra["limit_mm_per_prompt"] = {"image": 1, "video": 0}
     args = AsyncEngineArgs(
@@ -122,6 +125,57 @@ async def engine_receive(engine, *, names: list[str], dtype_names: list[str], sh
         "names": names, "dtype_names": dtype_names, "shapes": shapes, "packed": True,
         "packed_buffer_size_bytes": packed_buffer_bytes}))
     await engine.finish_weight_update()
+
+
+async def engine_receive_ipc(engine, *, names: list[str], dtype_names: list[str], shapes: list[list[int]],
+                             tensor_bytes: list[int], handles: bytes, load: str) -> None:
+    """Load an update from the learner's CUDA-IPC buffer (`handles`: pickled {GPU UUID: rebuild args}).
+    `layerwise`: vLLM's IPC weight-transfer backend (the engine built with `weight_transfer="ipc"`): a private
+    copy of each tensor, then the layer-wise reload. `direct`: each worker opens the buffer and the model's
+    own weight loaders copy from it into the live parameters (no copy, no reload; unquantized models)."""
+    if load == "layerwise":
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        await engine.start_weight_update()
+        await engine.update_weights(WeightTransferUpdateRequest(update_info={
+            "names": names, "dtype_names": dtype_names, "shapes": shapes, "packed": True, "tensor_sizes": tensor_bytes,
+            "ipc_handles_pickled": base64.b64encode(handles).decode()}))
+        await engine.finish_weight_update()
+        return
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
+    await engine.collective_rpc(_load_from_ipc, kwargs={"names": names, "dtype_names": dtype_names, "shapes": shapes,
+                                                        "tensor_bytes": tensor_bytes, "handles": handles})
+
+
+def _load_from_ipc(worker, *, names, dtype_names, shapes, tensor_bytes, handles) -> None:
+    """On an engine worker: the learner's buffer, opened on this worker's GPU, into the live model."""
+    import pickle
+
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    device = worker.device.index
+    found = pickle.loads(handles)
+    uuid = str(torch.cuda.get_device_properties(device).uuid)
+    if uuid not in found:
+        raise ValueError(f"no learner buffer on this engine's GPU {uuid} (buffers on {sorted(found)})")
+    args = list(found[uuid])
+    args[6] = device  # the device index, as this process numbers its GPUs
+    flat = rebuild_cuda_tensor(*args)
+    pieces = flat[:sum(tensor_bytes)].split(tensor_bytes)
+    worker.model_runner.model.load_weights(
+        (name, piece.view(getattr(torch, dtype)).view(*shape))
+        for name, piece, dtype, shape in zip(names, pieces, dtype_names, shapes))
+    torch.cuda.synchronize(device)  # the learner writes the buffer again once this call returns
+
+
+async def worker_gpu_uuids(engine) -> list[str]:
+    """The GPU UUID of each engine worker (tensor-parallel rank)."""
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
+
+    def on_worker(worker):
+        return str(torch.cuda.get_device_properties(worker.device.index).uuid)
+
+    return list(await engine.collective_rpc(on_worker))
 
 
 async def engine_reload(engine, model_dir: str) -> None:

@@ -144,7 +144,7 @@ class VLLMJudgeServer:
             llm.model_path, tensor_parallel_size=llm.tensor_parallel_size,
             gpu_memory_utilization=llm.gpu_memory_utilization, max_model_len=llm.max_model_len,
             enforce_eager=llm.enforce_eager, load_format=llm.load_format, seed=0,
-            kv_cache_memory_bytes=llm.kv_cache_memory_bytes, weight_transfer=False, multimodal=False)
+            kv_cache_memory_bytes=llm.kv_cache_memory_bytes, weight_transfer=None, multimodal=False)
 
     @vllm_api.post("/v1/chat/completions")
     async def chat(self, body: dict) -> dict[str, Any]:

@@ -1,10 +1,13 @@
 """The sending end of weight sync: learner rank 0 and every generation actor form one broadcast
 group; all learner ranks gather full parameters from their FSDP shards tensor by tensor, rank 0
 broadcasts them in buckets, and each actor applies them (HF: at its next safe point; vLLM: pausing
-scheduling for the swap). Two wires, one protocol:
+scheduling for the swap). Three transports, one protocol:
 - `torch`: core/weights.py over a standalone gloo (CPU) or NCCL process group, HF engines;
 - `vllm`: vLLM's own NCCL weight-transfer group (core/vllm_compat.py), vLLM engines, whose
-  tensor-parallel workers each take a rank.
+  tensor-parallel workers each take a rank;
+- `ipc`: vLLM engines on the learner's own GPU (NCCL refuses two ranks on one GPU): every rank casts
+  the weights into a persistent buffer the engines open through CUDA IPC (learner/ipc_weights.py); the
+  group is only a check, at connect, that each engine runs on a learner rank's GPU.
 
 A collective that does not finish in `timeout_s` raises an error naming the actors that did not
 answer; a hung sync never hangs the run silently.
@@ -12,37 +15,60 @@ answer; a hung sync never hangs the run silently.
 
 from __future__ import annotations
 
+import dataclasses
+import secrets
 import time
 from collections.abc import Iterator, Sequence
 
 import ray
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from core.records import WeightGroupSpec, WeightManifest
-from core.weights import free_port, make_manifest, node_ip, open_group, send
+from core.weights import free_port, make_manifest, node_ip, open_group, send, weight_corners
 
 
 class SyncTimeout(RuntimeError):
     pass
 
 
+class SyncMismatch(RuntimeError):
+    """An actor's weights differ from the learner's after a sync (sync.verify_every_steps)."""
+
+
+VERIFY_SUFFIXES = ("layers.0.self_attn.o_proj.weight", "layers.0.mlp.down_proj.weight", "blocks.0.attn.proj.weight")
+"""Tensors `verify` compares: unfused in vLLM (its names map one to one), in the text model and the vision tower."""
+
+
 class WeightBroadcaster:
     """Created on every learner rank; only rank 0 talks to the actors."""
 
     def __init__(self, *, receivers: Sequence, rank: int, backend: str, timeout_s: float,
-                 bucket_bytes: int, dtype: torch.dtype, device: torch.device, transport: str = "torch") -> None:
-        assert transport in ("torch", "vllm"), transport
+                 bucket_bytes: int, dtype: torch.dtype, device: torch.device, transport: str = "torch",
+                 ipc_load: str = "direct") -> None:
+        assert transport in ("torch", "vllm", "ipc"), transport
         self.receivers, self.rank, self.backend, self.transport = list(receivers), rank, backend, transport
         self.timeout_s, self.bucket_bytes, self.dtype, self.device = timeout_s, bucket_bytes, dtype, device
         self.group = None
         self.port = 0
+        self.ipc_load, self.ipc_buffer, self.learner_gpus = ipc_load, None, []
+        self.last_phases: dict[str, float] = {}
+        """The IPC path's last update by phase: `cast_s` (into the buffer), `load_s` (the engines' part)."""
 
     def connect(self) -> float:
-        """Form the broadcast group with every receiver (rank 0 only). Returns seconds taken."""
+        """Form the broadcast group with every receiver (every rank calls it; rank 0 does the work). Returns
+        seconds taken."""
+        if self.transport == "ipc" and not self.learner_gpus:
+            from learner.ipc_weights import gathered_uuids
+
+            self.learner_gpus = gathered_uuids(self.device)  # a collective: every rank, once
         if self.rank != 0 or not self.receivers:
             return 0.0
         start = time.perf_counter()
+        if self.transport == "ipc":
+            self._connect_ipc()
+            return time.perf_counter() - start
         ranks = ray.get([r.sync_ranks.remote() for r in self.receivers])
         offsets = [1 + sum(ranks[:i]) for i in range(len(ranks))]
         host, port, world = node_ip(), free_port(), 1 + sum(ranks)
@@ -63,6 +89,19 @@ class WeightBroadcaster:
         self._wait(refs, what="join the weight broadcast group")
         return time.perf_counter() - start
 
+    def _connect_ipc(self) -> None:
+        """Check that every engine runs on a learner rank's GPU, and tell them weights come by IPC."""
+        uuids = self._get([r.gpu_uuids.remote() for r in self.receivers], what="report their GPUs")
+        for i, found in enumerate(uuids):
+            if not found or not set(found) <= set(self.learner_gpus):
+                raise RuntimeError(
+                    f"generation actor {i} runs on GPU(s) {found or 'none'}, where no learner rank runs "
+                    f"(learner GPUs {self.learner_gpus}): CUDA IPC needs every engine on a learner's GPU; give the "
+                    "learner and the actors whole GPUs (learner.num_gpus_per_worker: 1, rollout.num_gpus_per_actor: 1)")
+        self.port = 1 + secrets.randbelow(2**31 - 2)  # names this connection: a restarted actor reports 0
+        spec = WeightGroupSpec("", self.port, 0, 0, "ipc", self.timeout_s)
+        self._wait([r.join_weight_group.remote(spec) for r in self.receivers], what="take the IPC connection")
+
     def broadcast(self, model: torch.nn.Module, *, version: int,
                   after: torch.cuda.Event | None = None) -> tuple[float, int]:
         """Every learner rank calls this (the FSDP all-gathers need them all); returns (seconds, bytes).
@@ -74,6 +113,8 @@ class WeightBroadcaster:
         state = model.state_dict()
         manifest = make_manifest(((n, _meta(t, self.dtype)) for n, t in state.items()),
                                  version=version, bucket_bytes=self.bucket_bytes)
+        if self.transport == "ipc":
+            return time.perf_counter() - start, self._hand_over(manifest, state)
         tensors = _full_tensors(state, self.dtype)
         if self.rank != 0 or not self.receivers:
             for _ in tensors:  # take part in the gathers, send nothing
@@ -107,6 +148,48 @@ class WeightBroadcaster:
                   "re-forming the weight group", flush=True)
             self.connect()
 
+    def verify(self, model: torch.nn.Module, *, version: int) -> int:
+        """Check that every actor now holds the learner's weights (a few tensors' corners, in the sync dtype).
+        Every rank calls it (the gathers); rank 0 raises naming the actor and tensor that differ. Returns the
+        number of actors checked."""
+        state = model.state_dict()
+        picked = [(n, t) for n, t in state.items() if any(n.endswith(s) for s in VERIFY_SUFFIXES)]
+        expected = weight_corners(zip([n for n, _ in picked], _full_tensors(dict(picked), self.dtype)), VERIFY_SUFFIXES)
+        if self.rank != 0 or not self.receivers:
+            return 0
+        found = self._get([r.weight_samples.remote(list(expected)) for r in self.receivers],
+                          what=f"report their weights after version {version}")
+        for i, (got_version, corners) in enumerate(found):
+            differ = [s for s in expected if corners.get(s) != expected[s]]
+            if got_version != version or differ:
+                raise SyncMismatch(f"after the weight sync of version {version}, generation actor {i} holds version "
+                                   f"{got_version} with different values for {differ or 'none'}: the weight update "
+                                   "did not land; check the actor's log for a load error")
+        return len(found)
+
+    def _hand_over(self, manifest: WeightManifest, state: dict[str, torch.Tensor]) -> int:
+        """Every rank fills its buffer (cast in the copy); rank 0 has the engines load from them."""
+        from learner.ipc_weights import IPCBuffer
+
+        if self.ipc_buffer is None or self.ipc_buffer.names != manifest.names:
+            self.ipc_buffer = IPCBuffer(manifest, device=self.device, load=self.ipc_load)  # a collective
+        start = time.perf_counter()
+        nbytes = self.ipc_buffer.fill(_whole(t) for t in state.values())
+        cast_s = time.perf_counter() - start
+        if self.rank == 0 and self.receivers:
+            self._ensure_members()
+            manifest = dataclasses.replace(manifest, ipc=self.ipc_buffer.record())
+            self._wait([r.receive_weights.remote(manifest) for r in self.receivers],
+                       what=f"load weights of version {manifest.version} from the learner's GPU")
+        self.last_phases = {"cast_s": cast_s, "load_s": time.perf_counter() - start - cast_s}
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # no rank refills its buffer while an engine may still read it
+        return nbytes if self.rank == 0 else 0
+
+    def _get(self, refs: list, *, what: str) -> list:
+        self._wait(refs, what=what)
+        return ray.get(refs)
+
     def _send_vllm(self, manifest: WeightManifest, tensors) -> int:
         from core import vllm_compat
 
@@ -129,6 +212,13 @@ class WeightBroadcaster:
                 f"generation actor(s) {stuck} did not {what} within sync.timeout_s={self.timeout_s:g}s; "
                 "check those actors' logs (ray logs / the dashboard) for a crash or a hung engine")
         ray.get(refs)  # surface an actor's own error
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor: a one-rank mesh's local shard is already whole (no gather, no copy)."""
+    if not isinstance(t, DTensor):
+        return t
+    return t.to_local() if t.device_mesh.size() == 1 else t.full_tensor()
 
 
 def _meta(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -66,7 +66,8 @@ class LearnerWiring:
     checkpoint_root: str
     resume_from: str | None = None
     weight_transport: str = "torch"
-    """`vllm` when the generation actors run vLLM engines (their NCCL weight-transfer group), else `torch`."""
+    """`vllm` when the generation actors run vLLM engines (their NCCL weight-transfer group), `ipc` when those
+    share the learner's GPU (CUDA IPC), else `torch`."""
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -75,15 +76,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     device = _device(cfg)
     torch.manual_seed(cfg.run.seed + rank)
+    sync = WeightBroadcaster(
+        receivers=wiring.actors, rank=rank, backend=_backend(cfg, device), timeout_s=cfg.sync.timeout_s,
+        bucket_bytes=cfg.sync.bucket_mb << 20, dtype=getattr(torch, cfg.learner.dtype), device=device,
+        transport=wiring.weight_transport, ipc_load=cfg.sync.ipc_load)
+    connect_s = _share_gpu(cfg, sync, device) if cfg.colocated else 0.0
     learner = Learner(wiring.model_path, cfg=cfg.learner, data=cfg.data, temperature=cfg.rollout.temperature,
                       device=device, random_weights=getattr(cfg.model, "random_weights", False))
     load_metrics = _load_metrics(learner, rank=rank)
     version = _restore(learner, restore_point(Path(wiring.checkpoint_root), wiring.resume_from))
-    sync = WeightBroadcaster(
-        receivers=wiring.actors, rank=rank, backend=_backend(cfg, device), timeout_s=cfg.sync.timeout_s,
-        bucket_bytes=cfg.sync.bucket_mb << 20, dtype=getattr(torch, cfg.learner.dtype), device=device,
-        transport=wiring.weight_transport)
-    connect_s = sync.connect()
+    if not cfg.colocated:
+        connect_s = sync.connect()
     sync_s, _ = sync.broadcast(learner.model, version=version)
     source, reports = RayBatchSource(wiring.buffer), Reports(wiring.reports)
     if rank == 0:
@@ -92,6 +95,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
         print(f"learner: version {version}, weight group formed in {connect_s:.1f}s, first sync {sync_s:.2f}s",
               flush=True)
     _loop(cfg, wiring, learner, sync, source, reports, rank=rank, version=version, first_metrics=load_metrics)
+
+
+def _share_gpu(cfg: Config, sync: WeightBroadcaster, device: torch.device) -> float:
+    """On a GPU shared with the engines: wait for them to be up first (vLLM sizes its KV cache from the memory
+    it sees while it starts: a learner allocating meanwhile would skew it), then cap this process's
+    allocator at learner.gpu_memory_fraction, so the learner never takes the engine's memory."""
+    connect_s = sync.connect()  # returns once every engine answered: they are built
+    if dist.is_initialized():
+        dist.barrier()
+    torch.cuda.set_per_process_memory_fraction(cfg.learner.gpu_memory_fraction, device)
+    return connect_s
 
 
 def _load_metrics(learner: Learner, *, rank: int) -> dict[str, float]:
@@ -182,17 +196,19 @@ def _loop(cfg: Config, wiring: LearnerWiring, learner: Learner, sync: WeightBroa
         wait_s = time.perf_counter() - wait_start
         metrics = learner.step(mine)
         step, version = version, version + 1
-        sync_s = sync_bytes = 0
+        sync_s = sync_bytes = verified = 0
         if version % cfg.sync.interval_steps == 0 or version == cfg.run.num_steps:
             sync_s, sync_bytes = sync.broadcast(learner.model, version=version, after=learner.optimizer_done)
             synced = version
+            if cfg.sync.verify_every_steps and version % cfg.sync.verify_every_steps == 0:
+                verified = sync.verify(learner.model, version=version)
         ckpt = _periodic_checkpoint(cfg, wiring, learner, checkpoints, version=version)
         if rank == 0:
             source.publish_version(version, synced)
             metrics.update(reward_metrics(batch.groups, staleness=batch.staleness))
             metrics.update(first_metrics)
             first_metrics = {}
-            metrics.update({"learner/wait_seconds": wait_s, "sync/seconds": sync_s,
+            metrics.update({"learner/wait_seconds": wait_s, "sync/seconds": sync_s, "sync/verified": float(verified),
                             "sync/gbytes_per_s": sync_bytes / max(sync_s, 1e-9) / 1e9 if sync_bytes else 0.0})
             metrics.update(ckpt.metrics)
             _report_written(reports, ckpt.earlier)

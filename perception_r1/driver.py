@@ -165,7 +165,14 @@ def build_engine(*, cfg: Config, model_path: str):
                       random_weights=getattr(cfg.model, "random_weights", False))
     from actors.vllm_engine import VLLMEngine
 
-    return VLLMEngine(model_path, cfg=engine, data=cfg.data, seed=cfg.run.seed)
+    return VLLMEngine(model_path, cfg=engine, data=cfg.data, seed=cfg.run.seed,
+                      weight_transfer="ipc" if cfg.colocated else "nccl")
+
+
+def weight_transport(cfg: Config) -> str:
+    if isinstance(cfg.rollout.engine, HFEngineConfig):
+        return "torch"
+    return "ipc" if cfg.colocated else "vllm"
 
 
 def build_buffer(cfg: Config, *, initial_version: int):
@@ -177,7 +184,7 @@ def build_buffer(cfg: Config, *, initial_version: int):
 
 def build_trainer(cfg: Config, wiring, run_dir: Path):
     lc = cfg.learner
-    resources = {"CPU": lc.cpus_per_worker} | ({"GPU": 1} if lc.num_gpus_per_worker else {})
+    resources = {"CPU": lc.cpus_per_worker} | ({"GPU": lc.num_gpus_per_worker} if lc.num_gpus_per_worker else {})
     return AbortableTrainer(
         train_loop_per_worker, train_loop_config={"wiring": wiring},
         torch_config=TorchConfig(backend="nccl" if lc.num_gpus_per_worker else "gloo",
@@ -301,7 +308,7 @@ def _run(cfg: Config, *, model_path: str, prompts: list, held_out: list, run_dir
     wiring = LearnerWiring(config=cfg.model_dump(mode="json"), model_path=model_path, buffer=buffer,
                            actors=actors, reports=reports, checkpoint_root=str((run_dir / "checkpoints").resolve()),
                            resume_from=str(ckpt_path) if ckpt_path else None,
-                           weight_transport="torch" if isinstance(cfg.rollout.engine, HFEngineConfig) else "vllm")
+                           weight_transport=weight_transport(cfg))
     judge, session, learner = None, None, None
     try:
         learner = LearnerThread(build_trainer(cfg, wiring, run_dir))

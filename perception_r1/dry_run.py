@@ -53,8 +53,10 @@ def memory_report(cfg: Config) -> list[str]:
     gib, source = preflight.gpu_memory_gib(cfg)
     found = preflight.learner_memory(cfg, folder)
     print("\n".join(found.lines()) + f"  [GPU memory: {source}]")
-    return [] if found.fits else [f"the learner's estimated peak ({found.total_gib:.1f} GiB) exceeds the GPU's "
-                                  f"{gib:g} GiB: {preflight.MEMORY_FIXES}"]
+    budget = (f"its share of the GPU, learner.gpu_memory_fraction {cfg.learner.gpu_memory_fraction:g} x {gib:g} GiB = "
+              f"{found.gpu_gib:.1f} GiB" if cfg.colocated else f"the GPU's {gib:g} GiB")
+    return [] if found.fits else [f"the learner's estimated peak ({found.total_gib:.1f} GiB) exceeds {budget}: "
+                                  f"{preflight.MEMORY_FIXES}"]
 
 
 def model_folder(cfg: Config) -> Path:

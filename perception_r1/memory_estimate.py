@@ -15,6 +15,7 @@ element of the compute dtype (2 for bfloat16, 4 for float32) and T tokens in a m
                                                 step, one block's gradient in b and in fp32 for reduce-scatter
     activations     T x layers x per-token bytes of a decoder layer (below), or b h per layer for a
                     checkpointed one plus one layer recomputed; the vision tower alike per image patch
+    ipc buffer      b P, when the learner shares its GPU with an engine (weights handed over by CUDA IPC)
     logits          packed: one chunk of C = 2,048 tokens at a time: 4 fp32 [C, V] temporaries in the
                     backward (z, p, -p, the gradient) plus lm_head's fp32 gradient [V, H], its matmul
                     product in b and fp32; padded: [T, V] logits in b, their fp32 copy and gradient
@@ -207,6 +208,8 @@ def estimate(cfg: Config, shape: ModelShape, *, gpu_gib: float, tokens: int | No
     parts["fsdp buffers"] = b * (2 * block + root_params(shape)) + (b + 4) * block
     parts["activations"] = activation_bytes(cfg, shape, b=b, tokens=tokens, patches=patches)
     parts["logits"] = logits_bytes(cfg, shape, b=b, tokens=tokens)
+    if cfg.colocated:  # the CUDA-IPC buffer the engine on the same GPU loads from (learner/ipc_weights.py)
+        parts["ipc buffer"] = b * p
     return MemoryEstimate(parts=parts, tokens=tokens, patches=patches, num_params=p, gpu_gib=gpu_gib)
 
 

@@ -91,7 +91,8 @@ def check_placement(cfg: Config, nodes: list[dict[str, float]]) -> None:
 DEFAULT_GPU_GIB = 80.0
 MEMORY_FIXES = ("lower learner.max_tokens_per_micro_batch, set learner.gradient_checkpointing: true (and "
                 "learner.checkpoint_every: 1), raise learner.num_workers (FSDP shards parameters, gradients and "
-                "AdamW state over them), or set cluster.gpu_memory_gib if your GPUs have more memory")
+                "AdamW state over them), on a GPU shared with the engine raise learner.gpu_memory_fraction (and lower "
+                "rollout.engine.gpu_memory_utilization), or set cluster.gpu_memory_gib if your GPUs have more memory")
 NVIDIA_SMI_TIMEOUT_S = 10.0
 
 
@@ -116,8 +117,11 @@ def nvidia_smi(query: str) -> list[float]:
 
 
 def learner_memory(cfg: Config, model_path: str | Path) -> MemoryEstimate:
-    """The estimate for the model folder's config.json against the GPU's memory."""
+    """The estimate for the model folder's config.json against the GPU's memory (the learner's share of it,
+    learner.gpu_memory_fraction, when it shares the GPU with an engine)."""
     gib, _ = gpu_memory_gib(cfg)
+    if cfg.colocated:
+        gib *= cfg.learner.gpu_memory_fraction
     return memory_estimate.estimate(cfg, ModelShape.from_config_json(model_path), gpu_gib=gib)
 
 

@@ -41,3 +41,13 @@ def test_broadcast_makes_actor_weights_equal_learner(ray_cluster, tiny_model_dir
     assert after == [(1, expected)] * 2
     assert nbytes == sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert seconds > 0
+
+    # the health check (sync.verify_every_steps): equal now; a learner that moved on without a sync differs
+    from learner.sync import VERIFY_SUFFIXES, SyncMismatch
+
+    assert sum(any(n.endswith(s) for n in names) for s in VERIFY_SUFFIXES) == len(VERIFY_SUFFIXES)
+    assert sender.verify(model, version=1) == 2
+    with torch.no_grad():
+        model.state_dict()[next(n for n in names if n.endswith(VERIFY_SUFFIXES[0]))].add_(1.0)
+    with pytest.raises(SyncMismatch, match=r"actor 0 holds version 1 with different values for \['layers.0.self_attn"):
+        sender.verify(model, version=1)

@@ -208,3 +208,39 @@ def test_two_steps_of_the_whole_system_on_two_gpus(tiny_vl, tmp_path, monkeypatc
     })
     result = train(cfg)
     assert result.final_version == 3 and result.steps_logged == 3
+
+
+def test_three_steps_of_the_whole_system_on_one_gpu(tiny_vl, tmp_path, monkeypatch):
+    """Engine and learner share GPU 0 (half a GPU each for Ray), weights by CUDA IPC; after every sync the
+    learner checks the engine's weights (sync.verify_every_steps: 1, a mismatch fails the run)."""
+    from mlflow.tracking import MlflowClient
+
+    from core.config_files import parse_config
+    from perception_r1.driver import train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the GPU bundle carries mlflow-skinny (no sqlite)
+    cfg = parse_config({
+        "run": {"name": "gpu1-e2e", "num_steps": 3, "output_dir": str(tmp_path)},
+        "cluster": {"num_gpus": 1, "include_dashboard": False},
+        "model": {"type": "pretrained", "path": tiny_vl},
+        "data": {"dataset": {"type": "synthetic", "num_problems": 32}},
+        "rollout": {"engine": {"type": "vllm", "enforce_eager": True, "max_model_len": 4096,
+                               "gpu_memory_utilization": 0.3}, "num_gpus_per_actor": 0.5, "samples_per_prompt": 4,
+                    "max_new_tokens": 32, "prompts_per_call": 2},
+        "learner": {"num_gpus_per_worker": 0.5, "gpu_memory_fraction": 0.5, "prompts_per_step": 2,
+                    "dtype": "bfloat16"},
+        "buffer": {"max_staleness": 1, "max_groups": 8},
+        "sync": {"verify_every_steps": 1},
+        "checkpoint": {"every_steps": 0},
+        "tracking": {"mlflow_uri": f"file://{tmp_path}/mlruns", "progress_bar": False, "log_rollouts_every": 0},
+    })
+    assert cfg.colocated
+    result = train(cfg)
+    assert result.final_version == 3 and result.steps_logged == 3
+    client = MlflowClient(tracking_uri=f"file://{tmp_path}/mlruns")
+    verified = client.get_metric_history(result.mlflow_run_id, "sync/verified")
+    assert [m.value for m in sorted(verified, key=lambda m: m.step)] == [1.0, 1.0, 1.0]
+    synced = client.get_metric_history(result.mlflow_run_id, "sync/seconds")
+    assert len(synced) == 3 and all(m.value > 0 for m in synced)
+    assert len(client.get_metric_history(result.mlflow_run_id, "learner/step_seconds")) == 3

@@ -1,0 +1,87 @@
+"""The learner's side of a weight update to engines on its own GPU: no wire, no group. The full tensors
+are cast into one persistent flat buffer, back to back in manifest order, and the engine opens that
+buffer through CUDA IPC (core/vllm_compat.py `engine_receive_ipc`) and loads from it.
+
+The buffer is allocated once, at the first update (the model's size in the sync dtype: a GPU's learner
+budget must hold it, perception_r1/memory_estimate.py counts it), and its IPC handle is taken once: the
+engine opens the same memory every time. With several learner ranks each rank fills a buffer on its own
+GPU and rank 0 hands every engine the handles of all of them (each engine picks its GPU's).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+from core.records import IPCWeights, WeightManifest
+
+
+def gpu_uuid(device: torch.device) -> str:
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def tensor_bytes(manifest: WeightManifest) -> list[int]:
+    """Bytes of each manifest tensor; a tensor whose offset would not be a multiple of its element size
+    (a wider dtype after an odd count of narrower elements) cannot be viewed in place: refused, named."""
+    sizes, offset = [], 0
+    for name, shape, dtype in zip(manifest.names, manifest.shapes, manifest.dtypes):
+        itemsize = getattr(torch, dtype).itemsize
+        if offset % itemsize:
+            raise ValueError(f"weight {name} ({dtype}) would sit at byte {offset} of the IPC buffer, not a multiple "
+                             f"of {itemsize}; the buffer packs tensors without padding")
+        numel = 1
+        for d in shape:
+            numel *= d
+        sizes.append(numel * itemsize)
+        offset += sizes[-1]
+    return sizes
+
+
+class IPCBuffer:
+    """One rank's flat buffer of the manifest's tensors, shared through CUDA IPC."""
+
+    def __init__(self, manifest: WeightManifest, *, device: torch.device, load: str) -> None:
+        self.sizes = tensor_bytes(manifest)
+        self.flat = torch.empty(sum(self.sizes), dtype=torch.uint8, device=device)
+        self.views = [piece.view(getattr(torch, dtype)).view(shape) for piece, dtype, shape
+                      in zip(self.flat.split(self.sizes), manifest.dtypes, manifest.shapes)]
+        self.device, self.load = device, load
+        self.handles = _gathered_handles(self.flat, device)
+        self.names = manifest.names
+
+    def fill(self, tensors: Iterable[torch.Tensor]) -> int:
+        """Copy (and cast) the tensors in; returns once the copies are done (the engine reads next)."""
+        with torch.no_grad():
+            for view, t in zip(self.views, tensors, strict=True):
+                view.copy_(t)
+        torch.cuda.current_stream(self.device).synchronize()
+        return self.flat.numel()
+
+    def record(self) -> IPCWeights:
+        return IPCWeights(handles=self.handles, tensor_bytes=tuple(self.sizes), load=self.load)
+
+
+def _gathered_handles(flat: torch.Tensor, device: torch.device) -> bytes:
+    """{GPU UUID: rebuild args} of every rank's buffer, pickled (rank 0 sends it; the others' copy is unused)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    _, args = reduce_tensor(flat)
+    mine = {gpu_uuid(device): args}
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[dict | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        mine = {k: v for part in gathered for k, v in (part or {}).items()}
+    return pickle.dumps(mine)
+
+
+def gathered_uuids(device: torch.device) -> list[str]:
+    """Every learner rank's GPU UUID (all ranks call it)."""
+    mine = gpu_uuid(device)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [mine]
+    gathered: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return [u for u in gathered if u is not None]
