@@ -104,7 +104,8 @@ def main() -> None:
                      "equal": equal(got_version == version, got, out["expected"])})
     where = "the same GPU (CUDA IPC)" if args.colocated else "another GPU (NCCL)"
     print_table(f"weight sync learner -> vLLM engine on {where} ({args.model})", rows)
-    print("wrote", write_result(*summary(args, rows, loads)))
+    name, config, metrics = summary(args, rows, loads)
+    print("wrote", write_result(name, config=config, metrics=metrics))
     ray.shutdown()
 
 

@@ -25,6 +25,7 @@ run() {  # run NAME SECONDS CMD...
     timeout "$secs" "$@" > "$out/$name.log" 2>&1; local rc=$?
     grep -E "passed|failed|Error|error|^[a-z_ ]+  |^[0-9]|ratio|wrote|mfu|GB|Traceback" "$out/$name.log" | grep -v -E "Warning|warn" | tail -n 30
     echo "=== $name rc=$rc in $(( $(date +%s) - t0 ))s"
+    cp benchmarks/results/*.json "$out/" 2>/dev/null  # now: a job left running across calls may outlive the tree
 }
 for stage in "$@"; do
     case "$stage" in

@@ -114,7 +114,8 @@ class WeightBroadcaster:
         manifest = make_manifest(((n, _meta(t, self.dtype)) for n, t in state.items()),
                                  version=version, bucket_bytes=self.bucket_bytes)
         if self.transport == "ipc":
-            return time.perf_counter() - start, self._hand_over(manifest, state)
+            nbytes = self._hand_over(manifest, state)
+            return time.perf_counter() - start, nbytes
         tensors = _full_tensors(state, self.dtype)
         if self.rank != 0 or not self.receivers:
             for _ in tensors:  # take part in the gathers, send nothing
