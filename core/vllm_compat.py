@@ -103,8 +103,15 @@ async def pause(engine) -> None:
     are preempted (their KV freed; they are recomputed with the new weights after `resume`, keeping the
     tokens and logprobs sampled so far), then the prefix cache, the multimodal processor cache and the
     encoder cache (the vision tower's outputs) are reset. vLLM raises if the prefix cache cannot be reset.
-    Nothing is scheduled between this and `resume`, so no KV or image embedding of the old weights survives."""
-    await engine.pause_generation(mode="keep", clear_cache=True)
+    Nothing is scheduled between this and `resume`, so no KV or image embedding of the old weights survives.
+
+    These are the two steps of `AsyncLLM.pause_generation(mode="keep", clear_cache=True)` without its closing
+    `asyncio.sleep(0.02)`, which vLLM documents as "not required for correctness" (it orders the outputs of
+    requests that finished just before the pause ahead of the caller): 20 of the 30 ms a pause took on the
+    H200 (the one-GPU runs' engine log, 2026-12-02). A request whose last output is processed after the
+    version bump is stamped max_version = the new version: an upper bound, as the stamp means."""
+    await engine.renderer.clear_mm_cache_async()
+    await engine.engine_core.pause_scheduler_async(mode="keep", clear_cache=True)
 
 
 async def resume(engine) -> None:
@@ -148,24 +155,78 @@ async def engine_receive_ipc(engine, *, names: list[str], dtype_names: list[str]
 
 
 def _load_from_ipc(worker, *, names, dtype_names, shapes, tensor_bytes, handles) -> None:
-    """On an engine worker: the learner's buffer, opened on this worker's GPU, into the live model."""
+    """On an engine worker: the learner's buffer, opened on this worker's GPU, into the live model. The first
+    update runs the model's weight loaders and records the copies they make (`record_copy_plan`); the buffer
+    stays open (the learner's is persistent, its handle the same every time), so later updates replay those
+    copies in one `torch._foreach_copy_` instead of ~800 Python loader calls."""
+    device = worker.device.index
+    model = worker.model_runner.model
+    cached = getattr(worker, "_pr1_ipc", None)
+    if cached is not None and cached[0] == handles and cached[2] is not None:
+        replay_copy_plan(cached[2])
+    else:
+        flat = _open_ipc_buffer(handles, device)
+        pieces = flat[:sum(tensor_bytes)].split(tensor_bytes)
+        views = [piece.view(getattr(torch, dtype)).view(*shape) for piece, dtype, shape in zip(pieces, dtype_names, shapes)]
+        plan = record_copy_plan(model, lambda: model.load_weights(zip(names, views)), source=flat)
+        worker._pr1_ipc = (handles, flat, plan)  # a new learner buffer (a restarted learner) replaces the old
+    torch.cuda.synchronize(device)  # the learner writes the buffer again once this call returns
+
+
+def _open_ipc_buffer(handles: bytes, device: int) -> torch.Tensor:
     import pickle
 
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
-    device = worker.device.index
     found = pickle.loads(handles)
     uuid = str(torch.cuda.get_device_properties(device).uuid)
     if uuid not in found:
         raise ValueError(f"no learner buffer on this engine's GPU {uuid} (buffers on {sorted(found)})")
     args = list(found[uuid])
     args[6] = device  # the device index, as this process numbers its GPUs
-    flat = rebuild_cuda_tensor(*args)
-    pieces = flat[:sum(tensor_bytes)].split(tensor_bytes)
-    worker.model_runner.model.load_weights(
-        (name, piece.view(getattr(torch, dtype)).view(*shape))
-        for name, piece, dtype, shape in zip(names, pieces, dtype_names, shapes))
-    torch.cuda.synchronize(device)  # the learner writes the buffer again once this call returns
+    return rebuild_cuda_tensor(*args)
+
+
+def record_copy_plan(model: torch.nn.Module, load, *, source: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Run `load()` (the model's weight loaders over views of `source`) and return the (destination, source)
+    pairs of the `Tensor.copy_` calls it made, to replay later; None when a replay would not redo the load
+    (then every update runs the loaders): a copy from outside `source` (a loader transformed the weight), into
+    something that is not a parameter's memory, or parameters not fully written by the copies (a loader
+    that wrote another way)."""
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original, own = torch.Tensor.copy_, "copy_" in vars(torch.Tensor)
+
+    def spy(self, src, non_blocking=False):
+        calls.append((self, src))
+        return original(self, src, non_blocking)
+
+    torch.Tensor.copy_ = spy
+    try:
+        load()
+    finally:
+        if own:
+            torch.Tensor.copy_ = original
+        else:
+            del torch.Tensor.copy_  # torch's own method again (it lives on the C base class)
+    return calls if _replayable(model, calls, source) else None
+
+
+def _replayable(model: torch.nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]], source: torch.Tensor) -> bool:
+    source_ptr = source.untyped_storage().data_ptr()
+    params = {p.untyped_storage().data_ptr(): p.numel() for p in model.parameters()}
+    written: dict[int, int] = {}
+    for dst, src in calls:
+        if not isinstance(src, torch.Tensor) or src.untyped_storage().data_ptr() != source_ptr:
+            return False
+        ptr = dst.untyped_storage().data_ptr()
+        if ptr not in params:
+            return False
+        written[ptr] = written.get(ptr, 0) + dst.numel()
+    return written == params
+
+
+def replay_copy_plan(plan: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    torch._foreach_copy_([dst for dst, _ in plan], [src for _, src in plan])
 
 
 async def worker_gpu_uuids(engine) -> list[str]:

@@ -54,9 +54,11 @@ class IPCBuffer:
 
     def fill(self, tensors: Iterable[torch.Tensor]) -> int:
         """Copy (and cast) the tensors in; returns once the copies are done (the engine reads next)."""
+        tensors = list(tensors)
+        if len(tensors) != len(self.views):
+            raise ValueError(f"{len(tensors)} tensors for a buffer of {len(self.views)}")
         with torch.no_grad():
-            for view, t in zip(self.views, tensors, strict=True):
-                view.copy_(t)
+            torch._foreach_copy_(self.views, tensors)  # one fused launch where dtypes allow, casting otherwise
         torch.cuda.current_stream(self.device).synchronize()
         return self.flat.numel()
 

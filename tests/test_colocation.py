@@ -119,3 +119,75 @@ def test_ipc_handles_are_pickled_bytes_in_the_manifest():
                               bucket_bytes=1, ipc=ipc)
     assert pickle.loads(pickle.dumps(manifest)) == manifest
     assert parse_config({"sync": {"ipc_load": "layerwise"}}).sync.ipc_load == "layerwise"
+
+
+class _StackedModel:
+    """A vLLM-like model: a fused qkv parameter filled by shards through its weight loader, a plain one, and
+    `load_weights` taking Hugging Face names (what vLLM's models do)."""
+
+    def __init__(self, *, assign_plain: bool = False) -> None:
+        import torch
+
+        self.module = torch.nn.Module()
+        self.module.qkv = torch.nn.Parameter(torch.zeros(6, 2), requires_grad=False)
+        self.module.norm = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
+        self.assign_plain = assign_plain
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def load_weights(self, weights):
+        for name, w in weights:
+            if name in ("q", "k", "v"):
+                row = "qkv".index(name) * 2
+                self.module.qkv.data.narrow(0, row, 2).copy_(w)
+            elif self.assign_plain:
+                self.module.norm.data[:] = w * 1  # a loader that transforms the weight first
+            else:
+                self.module.norm.data.copy_(w)
+
+
+def _buffer(values: dict):
+    import torch
+
+    flat = torch.cat([t.reshape(-1) for t in values.values()]).view(torch.uint8)
+    views, offset = {}, 0
+    for name, t in values.items():
+        n = t.numel() * t.element_size()
+        views[name] = flat[offset:offset + n].view(t.dtype).view(t.shape)
+        offset += n
+    return flat, views
+
+
+def test_the_copy_plan_replays_the_loaders_copies_from_the_shared_buffer():
+    import torch
+
+    from core.vllm_compat import record_copy_plan, replay_copy_plan
+
+    model = _StackedModel()
+    flat, views = _buffer({"q": torch.ones(2, 2), "k": torch.full((2, 2), 2.0), "v": torch.full((2, 2), 3.0),
+                           "norm": torch.arange(3.0)})
+    plan = record_copy_plan(model, lambda: model.load_weights(views.items()), source=flat)
+    assert plan is not None and len(plan) == 4
+    assert model.module.qkv[:, 0].tolist() == [1, 1, 2, 2, 3, 3] and model.module.norm.tolist() == [0, 1, 2]
+    for view in views.values():  # the learner writes the next version into the same buffer
+        view.mul_(10)
+    replay_copy_plan(plan)
+    assert model.module.qkv[:, 0].tolist() == [10, 10, 20, 20, 30, 30] and model.module.norm.tolist() == [0, 10, 20]
+
+
+def test_a_load_the_copies_do_not_cover_gets_no_plan():
+    import torch
+
+    from core.vllm_compat import record_copy_plan
+
+    values = {"q": torch.ones(2, 2), "k": torch.ones(2, 2), "v": torch.ones(2, 2), "norm": torch.arange(3.0)}
+    assert "copy_" not in vars(torch.Tensor)
+    transformed = _StackedModel(assign_plain=True)  # norm written from a temporary, not from the buffer
+    flat, views = _buffer(values)
+    assert record_copy_plan(transformed, lambda: transformed.load_weights(views.items()), source=flat) is None
+    partial = _StackedModel()  # v never sent: qkv is not fully written
+    flat, views = _buffer(values)
+    assert record_copy_plan(partial, lambda: partial.load_weights((n, views[n]) for n in ("q", "k", "norm")),
+                            source=flat) is None
+    assert "copy_" not in vars(torch.Tensor)  # torch's own copy_ again
