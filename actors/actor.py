@@ -28,8 +28,9 @@ from core.seams import Engine
 
 def remote_class(*, generate_concurrency: int = 1):
     """The actor class with `generate_concurrency` concurrent generate calls (1 for HF; more for vLLM,
-    whose engine batches across calls) and one sync lane."""
-    groups = {"generate": generate_concurrency, "sync": 1}
+    whose engine batches across calls), one sync lane, and a control lane for cheap reads that must answer
+    while a sync is stuck (is it alive, which group did it join)."""
+    groups = {"generate": generate_concurrency, "sync": 1, "control": 1}
     return ray.remote(num_cpus=0, concurrency_groups=groups)(GenerationActor)
 
 
@@ -86,7 +87,7 @@ class GenerationActor:
         self.engine.join_weight_group(spec)  # replaces any group joined before
         self.group_port = spec.port
 
-    @ray.method(concurrency_group="sync")
+    @ray.method(concurrency_group="control")
     def weight_group_port(self) -> int:
         """The port of the broadcast group joined (0: none, e.g. just restarted by Ray)."""
         return self.group_port
@@ -114,7 +115,7 @@ class GenerationActor:
     def gpu_uuids(self) -> list[str]:
         return self.engine.gpu_uuids()
 
-    @ray.method(concurrency_group="sync")
+    @ray.method(concurrency_group="control")
     def pid(self) -> int:
         return os.getpid()
 

@@ -16,6 +16,7 @@ answer; a hung sync never hangs the run silently.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import secrets
 import time
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,15 @@ from core.weights import free_port, make_manifest, node_ip, open_group, send, we
 
 class SyncTimeout(RuntimeError):
     pass
+
+
+class ReceiverLost(SyncTimeout):
+    """A generation actor died during a sync: the sync is skipped (the learner goes on), the next re-forms."""
+
+
+_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+LOST_CHECK_S = 30.0
+"""How long a receiver may take to answer whether it is alive after a failed send."""
 
 
 class SyncMismatch(RuntimeError):
@@ -123,12 +133,46 @@ class WeightBroadcaster:
             return time.perf_counter() - start, 0
         self._ensure_members()
         refs = [r.receive_weights.remote(manifest) for r in self.receivers]
-        if self.transport == "vllm":
-            sent = self._send_vllm(manifest, tensors)
-        else:
-            sent = send(self.group, manifest, tensors, device=self.device, timeout_s=self.timeout_s)
-        self._wait(refs, what=f"receive weights of version {version}")
+        failure = None
+        try:
+            if self.transport == "vllm":
+                sent = self._send_vllm(manifest, tensors)
+            else:
+                sent = send(self.group, manifest, tensors, device=self.device, timeout_s=self.timeout_s)
+            self._wait(refs, what=f"receive weights of version {version}")
+        except (RuntimeError, *_LOST) as e:  # gloo's "connection closed", SyncTimeout, an actor's own error
+            failure = e.with_traceback(None)  # its frames would keep the group (and its sockets) alive
+        if failure is not None:
+            for _ in tensors:  # the other ranks' gathers go on: take part in them
+                pass
+            self._after_failed_send(failure, version=version)
         return time.perf_counter() - start, sent
+
+    def _after_failed_send(self, error: BaseException, *, version: int) -> None:
+        """A send that failed because a receiver died is survivable: drop the group (its sockets close, so the
+        surviving receivers' pending receive fails now instead of at its timeout), leave them on their weights,
+        raise ReceiverLost; the next sync re-forms the group with the restarted actor. Anything else re-raises."""
+        self.group, self.port = None, 0  # port 0: the next _ensure_members re-forms the group
+        gc.collect()  # the process group's destructor closes its connections
+        lost = self._lost_receivers()
+        if not lost:
+            raise error
+        raise ReceiverLost(f"generation actor(s) {lost} died during the weight sync of version {version} "
+                           f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); the others "
+                           "keep their weights, the next sync re-forms the group") from error
+
+    def _lost_receivers(self) -> list[int]:
+        """Receivers that died or came back restarted (out of the group), by index."""
+        lost = []
+        for i, r in enumerate(self.receivers):
+            try:
+                ray.get(r.pid.remote(), timeout=LOST_CHECK_S)
+                restarted = ray.get(r.weight_group_port.remote(), timeout=LOST_CHECK_S) == 0
+            except (ray.exceptions.GetTimeoutError, *_LOST):
+                restarted = True
+            if restarted:
+                lost.append(i)
+        return lost
 
     def _ensure_members(self) -> None:
         """Re-form the group when an actor was restarted (Ray restarts it bare: it is in no group);

@@ -45,7 +45,7 @@ from core.seams import BatchSource, ReportSink
 from learner.batch_metrics import reward_metrics
 from learner.checkpoint_writer import CheckpointWriter, Written
 from learner.sharded_state import UNREPORTED_FILE, load_learner, newest_complete
-from learner.sync import WeightBroadcaster
+from learner.sync import ReceiverLost, WeightBroadcaster
 from learner.trainer import Learner
 
 _LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
@@ -87,7 +87,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     version = _restore(learner, restore_point(Path(wiring.checkpoint_root), wiring.resume_from))
     if not cfg.colocated:
         connect_s = sync.connect()
-    sync_s, _ = sync.broadcast(learner.model, version=version)
+    sync_s = _sync(sync, learner, version=version)[0] or 0.0
     source, reports = RayBatchSource(wiring.buffer), Reports(wiring.reports)
     if rank == 0:
         source.learner_started(version)
@@ -106,6 +106,17 @@ def _share_gpu(cfg: Config, sync: WeightBroadcaster, device: torch.device) -> fl
         dist.barrier()
     torch.cuda.set_per_process_memory_fraction(cfg.learner.gpu_memory_fraction, device)
     return connect_s
+
+
+def _sync(sync: WeightBroadcaster, learner: Learner, *, version: int) -> tuple[float | None, int]:
+    """Broadcast the weights as `version`: (seconds, bytes), or (None, 0) when a generation actor died during
+    it (Ray restarts the actor; the others keep their weights and the next sync re-forms the group): a dead
+    actor costs one sync, not the learner's restart from its last checkpoint."""
+    try:
+        return sync.broadcast(learner.model, version=version, after=learner.optimizer_done)
+    except ReceiverLost as e:
+        print(f"learner: {e}", flush=True)
+        return None, 0
 
 
 def _load_metrics(learner: Learner, *, rank: int) -> dict[str, float]:
@@ -198,10 +209,12 @@ def _loop(cfg: Config, wiring: LearnerWiring, learner: Learner, sync: WeightBroa
         step, version = version, version + 1
         sync_s = sync_bytes = verified = 0
         if version % cfg.sync.interval_steps == 0 or version == cfg.run.num_steps:
-            sync_s, sync_bytes = sync.broadcast(learner.model, version=version, after=learner.optimizer_done)
-            synced = version
-            if cfg.sync.verify_every_steps and version % cfg.sync.verify_every_steps == 0:
+            sync_s, sync_bytes = _sync(sync, learner, version=version)
+            if sync_s is not None:
+                synced = version
+            if sync_s is not None and cfg.sync.verify_every_steps and version % cfg.sync.verify_every_steps == 0:
                 verified = sync.verify(learner.model, version=version)
+            sync_s = sync_s or 0.0
         ckpt = _periodic_checkpoint(cfg, wiring, learner, checkpoints, version=version)
         if rank == 0:
             source.publish_version(version, synced)

@@ -51,3 +51,56 @@ def test_broadcast_makes_actor_weights_equal_learner(ray_cluster, tiny_model_dir
         model.state_dict()[next(n for n in names if n.endswith(VERIFY_SUFFIXES[0]))].add_(1.0)
     with pytest.raises(SyncMismatch, match=r"actor 0 holds version 1 with different values for \['layers.0.self_attn"):
         sender.verify(model, version=1)
+
+
+def test_an_actor_dying_during_a_sync_skips_that_sync_and_the_next_reforms_the_group(ray_cluster, tiny_model_dir,
+                                                                                    tmp_path):
+    """The learner must not fail (and restart from its last checkpoint) because a generation actor died while
+    weights were on the wire: Ray restarts the actor, the sync is skipped, the next one includes it."""
+    from transformers import AutoModelForImageTextToText
+
+    from actors.actor import remote_class
+    from core.config_files import parse_config
+    from core.records import Sampling
+    from core.weights import weight_corners
+    from learner.sync import ReceiverLost, WeightBroadcaster
+    from perception_r1.driver import build_engine
+
+    cfg = parse_config({"model": {"type": "pretrained", "path": tiny_model_dir}})
+    marker = str(tmp_path / "died-once")
+
+    def dies_in_its_first_receive():
+        import os
+
+        engine = build_engine(cfg=cfg, model_path=tiny_model_dir)
+        receive = engine.receive_weights
+
+        def receive_or_die(manifest):
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)  # a crash with the broadcast under way
+            return receive(manifest)
+
+        engine.receive_weights = receive_or_die
+        return engine
+
+    sampling = Sampling(n=2, temperature=1.0, top_p=1.0, max_new_tokens=4)
+    actors = [remote_class().remote(actor_id=0, build_engine=functools.partial(build_engine, cfg=cfg,
+                                                                                  model_path=tiny_model_dir),
+                                    sampling=sampling),
+              remote_class().options(max_restarts=1).remote(actor_id=1, build_engine=dies_in_its_first_receive,
+                                                            sampling=sampling)]
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    sender = WeightBroadcaster(receivers=actors, rank=0, backend="gloo", timeout_s=60, bucket_bytes=1 << 16,
+                               dtype=torch.float32, device=torch.device("cpu"))
+    sender.connect()
+    with pytest.raises(ReceiverLost, match=r"generation actor\(s\) \[1\] died during the weight sync of version 1"):
+        sender.broadcast(model, version=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    seconds, _ = sender.broadcast(model, version=2)  # the restarted actor rejoins; both get version 2
+    names = list(model.state_dict())
+    expected = weight_corners(model.state_dict().items(), names)
+    assert ray_cluster.get([a.weight_samples.remote(names) for a in actors]) == [(2, expected)] * 2
+    assert seconds < 60  # the survivor's pending receive failed at once, not at the group's timeout
