@@ -123,11 +123,15 @@ def main() -> None:
                         help="keep the other staleness rows of today's result of this name on this device")
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="bench-async-"))
-    rows = [run_one(args.config, staleness=s, steps=args.steps, overrides=args.overrides, out=out)
-            for s in args.staleness]
     name = args.name or f"async_sync_{Path(args.config).stem}"
-    if args.merge:
-        rows = merged(name, rows)
+    rows: list[dict] = []
+    for staleness in args.staleness:  # written after each: a run cut short keeps what it measured
+        rows.append(run_one(args.config, staleness=staleness, steps=args.steps, overrides=args.overrides, out=out))
+        report(args, name, merged(name, rows) if args.merge else rows)
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def report(args, name: str, rows: list[dict]) -> None:
     base = rows[0]["samples_per_s"]
     for row in rows:
         row["ratio_to_first"] = row["samples_per_s"] / base
@@ -136,9 +140,7 @@ def main() -> None:
     metrics["async_sync_ratio"] = rows[-1]["samples_per_s"] / base
     print("wrote", write_result(name, config={"config": args.config, "steps": args.steps,
                                               "staleness": [r["max_staleness"] for r in rows], "overrides": args.overrides},
-                                metrics=metrics))
-    shutil.rmtree(out, ignore_errors=True)
-
+                                metrics=metrics), flush=True)
 
 if __name__ == "__main__":
     main()
