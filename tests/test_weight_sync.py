@@ -51,6 +51,8 @@ def test_broadcast_makes_actor_weights_equal_learner(ray_cluster, tiny_model_dir
         model.state_dict()[next(n for n in names if n.endswith(VERIFY_SUFFIXES[0]))].add_(1.0)
     with pytest.raises(SyncMismatch, match=r"actor 0 holds version 1 with different values for \['layers.0.self_attn"):
         sender.verify(model, version=1)
+    for actor in actors:
+        ray_cluster.kill(actor)
 
 
 def test_an_actor_dying_during_a_sync_skips_that_sync_and_the_next_reforms_the_group(ray_cluster, tiny_model_dir,
@@ -104,3 +106,5 @@ def test_an_actor_dying_during_a_sync_skips_that_sync_and_the_next_reforms_the_g
     expected = weight_corners(model.state_dict().items(), names)
     assert ray_cluster.get([a.weight_samples.remote(names) for a in actors]) == [(2, expected)] * 2
     assert seconds < 60  # the survivor's pending receive failed at once, not at the group's timeout
+    for actor in actors:
+        ray_cluster.kill(actor)
