@@ -55,6 +55,10 @@ def test_broadcast_makes_actor_weights_equal_learner(ray_cluster, tiny_model_dir
         ray_cluster.kill(actor)
 
 
+@pytest.mark.reliability(fault="a generation actor dies while a weight broadcast is on the wire",
+                         outcome="that sync is skipped (the learner goes on: no restart from its checkpoint); the "
+                         "survivors' receive fails at once and they keep their weights; Ray restarts the actor and "
+                         "the next sync brings every actor to the learner's weights")
 def test_an_actor_dying_during_a_sync_skips_that_sync_and_the_next_reforms_the_group(ray_cluster, tiny_model_dir,
                                                                                     tmp_path):
     """The learner must not fail (and restart from its last checkpoint) because a generation actor died while
