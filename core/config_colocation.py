@@ -32,6 +32,10 @@ def colocation_problems(cfg) -> list[str]:
         problems.append(f"rollout.num_gpus_per_actor ({r.num_gpus_per_actor:g}) + learner.num_gpus_per_worker "
                         f"({lc.num_gpus_per_worker:g}) exceed one GPU: Ray would place them on different GPUs and "
                         "CUDA IPC needs one; lower them (e.g. 0.5 each)")
+    if lc.num_workers > 1:
+        problems.append(f"learner.num_workers={lc.num_workers} with a learner sharing its GPU: Ray could place two "
+                        "learner workers on one GPU (half a GPU each), where NCCL refuses two ranks; colocation runs one "
+                        "learner worker: set learner.num_workers: 1, or give the workers whole GPUs")
     if lc.gpu_memory_fraction is None:
         problems.append("a learner sharing its GPU (learner.num_gpus_per_worker < 1) needs learner.gpu_memory_fraction "
                         "(its share of the GPU's memory, beside rollout.engine.gpu_memory_utilization)")

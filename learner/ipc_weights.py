@@ -4,8 +4,9 @@ buffer through CUDA IPC (core/vllm_compat.py `engine_receive_ipc`) and loads fro
 
 The buffer is allocated once, at the first update (the model's size in the sync dtype: a GPU's learner
 budget must hold it, perception_r1/memory_estimate.py counts it), and its IPC handle is taken once: the
-engine opens the same memory every time. With several learner ranks each rank fills a buffer on its own
-GPU and rank 0 hands every engine the handles of all of them (each engine picks its GPU's).
+engine opens the same memory every time. With several learner ranks each rank would fill a buffer on its
+own GPU and rank 0 hand every engine the handles of all of them (each engine picks its GPU's); colocation
+runs one learner worker for now (core/config_colocation.py: Ray could pack two on one GPU).
 """
 
 from __future__ import annotations

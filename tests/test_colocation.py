@@ -34,6 +34,7 @@ def test_the_one_gpu_config_colocates_and_sends_weights_by_ipc():
     (["rollout.num_gpus_per_actor=0.6"], "exceed one GPU"),
     (["learner.num_gpus_per_worker=1"], "give the actor a whole GPU"),
     (["sync.backend=gloo"], "weights go by CUDA IPC"),
+    (["learner.num_workers=2", "cluster.num_gpus=2"], "colocation runs one learner worker"),
 ])
 def test_a_colocation_that_cannot_work_is_refused_naming_the_fields(sets, named):
     with pytest.raises(ValueError, match=re.escape(named)):
