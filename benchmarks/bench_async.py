@@ -51,6 +51,8 @@ def run_one(config: str, *, staleness: int, steps: int, overrides: list[str], ou
            "learner_step_s": statistics.mean(m["learner/step_seconds"] for m in history),
            "learner_wait_s": statistics.mean(m["learner/wait_seconds"] for m in history),
            "sync_s": statistics.mean(m["sync/seconds"] for m in history),
+           "sync_s_median": statistics.median(m["sync/seconds"] for m in history),
+           "sync_verified_steps": sum(m.get("sync/verified", 0.0) > 0 for m in history),
            "staleness_mean": statistics.mean(m.get("staleness/mean", 0.0) for m in history),
            "staleness_max": max(m.get("staleness/max", 0.0) for m in history)}
     row |= phase_fractions(row, history)
