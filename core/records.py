@@ -252,12 +252,32 @@ class WeightManifest:
 
 
 @dataclass(frozen=True, slots=True)
+class CudaIPCHandle:
+    """A CUDA tensor shared between processes: the fields of torch's `reduce_tensor` (`rebuild_cuda_tensor`'s
+    arguments) as plain values, no pickle: a plain `torch.Tensor` over a `TypedStorage`."""
+
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    dtype: str
+    device: int
+    """The sender's device index (the receiver substitutes its own for the same GPU)."""
+    handle: bytes
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes | None
+    event_sync_required: bool
+
+
+@dataclass(frozen=True, slots=True)
 class IPCWeights:
     """Where an engine on the learner's GPU reads a weight update: one flat buffer holding the manifest's
     tensors back to back (no padding), shared by CUDA IPC."""
 
-    handles: bytes
-    """A pickled {GPU UUID: torch's `rebuild_cuda_tensor` arguments} (one entry per learner rank's GPU)."""
+    handles: tuple[tuple[str, CudaIPCHandle], ...]
+    """(GPU UUID, the buffer on that GPU), one per learner rank."""
     tensor_bytes: tuple[int, ...]
     """Bytes of each manifest tensor in the buffer, in order."""
     load: str

@@ -9,7 +9,9 @@ of vLLM's NCCL weight-transfer group). When vLLM moves, this module is what chan
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
+import pickle
 from collections.abc import Iterator
 from typing import Any
 
@@ -135,18 +137,21 @@ async def engine_receive(engine, *, names: list[str], dtype_names: list[str], sh
 
 
 async def engine_receive_ipc(engine, *, names: list[str], dtype_names: list[str], shapes: list[list[int]],
-                             tensor_bytes: list[int], handles: bytes, load: str) -> None:
-    """Load an update from the learner's CUDA-IPC buffer (`handles`: pickled {GPU UUID: rebuild args}).
+                             tensor_bytes: list[int], handles: tuple, load: str) -> None:
+    """Load an update from the learner's CUDA-IPC buffer (`handles`: (GPU UUID, `CudaIPCHandle`) per GPU).
     `layerwise`: vLLM's IPC weight-transfer backend (the engine built with `weight_transfer="ipc"`): a private
     copy of each tensor, then the layer-wise reload. `direct`: each worker opens the buffer and the model's
     own weight loaders copy from it into the live parameters (no copy, no reload; unquantized models)."""
+    handles = [(uuid, dataclasses.asdict(h)) for uuid, h in handles]  # plain values across vLLM's RPC
     if load == "layerwise":
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
         await engine.start_weight_update()
         await engine.update_weights(WeightTransferUpdateRequest(update_info={
             "names": names, "dtype_names": dtype_names, "shapes": shapes, "packed": True, "tensor_sizes": tensor_bytes,
-            "ipc_handles_pickled": base64.b64encode(handles).decode()}))
+            # vLLM's own transport form: it unpickles this in its workers (VLLM_ALLOW_INSECURE_SERIALIZATION)
+            "ipc_handles_pickled": base64.b64encode(pickle.dumps(
+                {uuid: rebuild_args(h, h["device"]) for uuid, h in handles})).decode()}))
         await engine.finish_weight_update()
         return
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
@@ -173,18 +178,21 @@ def _load_from_ipc(worker, *, names, dtype_names, shapes, tensor_bytes, handles)
     torch.cuda.synchronize(device)  # the learner writes the buffer again once this call returns
 
 
-def _open_ipc_buffer(handles: bytes, device: int) -> torch.Tensor:
-    import pickle
-
+def _open_ipc_buffer(handles: tuple, device: int) -> torch.Tensor:
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
-    found = pickle.loads(handles)
+    found = dict(handles)
     uuid = str(torch.cuda.get_device_properties(device).uuid)
     if uuid not in found:
         raise ValueError(f"no learner buffer on this engine's GPU {uuid} (buffers on {sorted(found)})")
-    args = list(found[uuid])
-    args[6] = device  # the device index, as this process numbers its GPUs
-    return rebuild_cuda_tensor(*args)
+    return rebuild_cuda_tensor(*rebuild_args(found[uuid], device))  # the device index as this process numbers it
+
+
+def rebuild_args(h: dict, device: int) -> tuple:
+    """torch's `rebuild_cuda_tensor` arguments of a `core.records.CudaIPCHandle` (as a dict), opened on `device`."""
+    return (torch.Tensor, torch.Size(h["size"]), tuple(h["stride"]), h["offset"], torch.storage.TypedStorage,
+            getattr(torch, h["dtype"]), device, h["handle"], h["storage_size_bytes"], h["storage_offset_bytes"], False,
+            h["ref_counter_handle"], h["ref_counter_offset"], h["event_handle"], h["event_sync_required"])
 
 
 def record_copy_plan(model: torch.nn.Module, load, *, source: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:

@@ -11,13 +11,12 @@ runs one learner worker for now (core/config_colocation.py: Ray could pack two o
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 
-from core.records import IPCWeights, WeightManifest
+from core.records import CudaIPCHandle, IPCWeights, WeightManifest
 
 
 def gpu_uuid(device: torch.device) -> str:
@@ -67,17 +66,28 @@ class IPCBuffer:
         return IPCWeights(handles=self.handles, tensor_bytes=tuple(self.sizes), load=self.load)
 
 
-def _gathered_handles(flat: torch.Tensor, device: torch.device) -> bytes:
-    """{GPU UUID: rebuild args} of every rank's buffer, pickled (rank 0 sends it; the others' copy is unused)."""
+def _gathered_handles(flat: torch.Tensor, device: torch.device) -> tuple[tuple[str, CudaIPCHandle], ...]:
+    """(GPU UUID, handle) of every rank's buffer (rank 0 sends them; the others' copy is unused)."""
+    mine = [(gpu_uuid(device), share(flat))]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[list | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        mine = [item for part in gathered for item in (part or [])]
+    return tuple(mine)
+
+
+def share(t: torch.Tensor) -> CudaIPCHandle:
+    """torch's own CUDA-IPC export of a plain tensor (`reduce_tensor`), as a typed record."""
     from torch.multiprocessing.reductions import reduce_tensor
 
-    _, args = reduce_tensor(flat)
-    mine = {gpu_uuid(device): args}
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list[dict | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, mine)
-        mine = {k: v for part in gathered for k, v in (part or {}).items()}
-    return pickle.dumps(mine)
+    _, (tensor_cls, size, stride, offset, storage_cls, dtype, device, handle, storage_size, storage_offset,
+        _requires_grad, ref_counter_handle, ref_counter_offset, event_handle, event_sync) = reduce_tensor(t)
+    assert tensor_cls is torch.Tensor and storage_cls is torch.storage.TypedStorage, (tensor_cls, storage_cls)
+    return CudaIPCHandle(size=tuple(size), stride=tuple(stride), offset=offset, dtype=str(dtype).removeprefix("torch."),
+                         device=device, handle=handle, storage_size_bytes=storage_size,
+                         storage_offset_bytes=storage_offset, ref_counter_handle=ref_counter_handle,
+                         ref_counter_offset=ref_counter_offset, event_handle=event_handle,
+                         event_sync_required=event_sync)
 
 
 def gathered_uuids(device: torch.device) -> list[str]:

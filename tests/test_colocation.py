@@ -112,13 +112,28 @@ def test_connect_checks_every_engine_runs_on_a_learner_gpu(ray_cluster):
     assert far.joined == []
 
 
-def test_ipc_handles_are_pickled_bytes_in_the_manifest():
-    from core.records import IPCWeights
+def test_an_ipc_handle_is_a_typed_record_that_rebuilds_torchs_arguments_in_order():
+    import dataclasses
+    import inspect
 
-    ipc = IPCWeights(handles=pickle.dumps({"GPU-a": (1, 2)}), tensor_bytes=(12, 8), load="direct")
+    import torch
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    from core.records import CudaIPCHandle, IPCWeights
+    from core.vllm_compat import rebuild_args
+
+    h = CudaIPCHandle(size=(4,), stride=(1,), offset=0, dtype="bfloat16", device=3, handle=b"h", storage_size_bytes=8,
+                      storage_offset_bytes=0, ref_counter_handle=b"r", ref_counter_offset=1, event_handle=None,
+                      event_sync_required=True)
+    args = dict(zip(inspect.signature(rebuild_cuda_tensor).parameters, rebuild_args(dataclasses.asdict(h), 0),
+                    strict=True))
+    assert args["tensor_cls"] is torch.Tensor and args["storage_cls"] is torch.storage.TypedStorage
+    assert args["tensor_size"] == torch.Size([4]) and args["dtype"] is torch.bfloat16
+    assert args["storage_device"] == 0 and args["storage_handle"] == b"h" and args["ref_counter_handle"] == b"r"
+    assert args["ref_counter_offset"] == 1 and args["event_sync_required"] is True and args["requires_grad"] is False
     manifest = WeightManifest(version=3, names=("a", "c"), shapes=((3, 2), (2,)), dtypes=("bfloat16", "float32"),
-                              bucket_bytes=1, ipc=ipc)
-    assert pickle.loads(pickle.dumps(manifest)) == manifest
+                              bucket_bytes=1, ipc=IPCWeights(handles=(("GPU-a", h),), tensor_bytes=(12, 8), load="direct"))
+    assert pickle.loads(pickle.dumps(manifest)) == manifest  # as Ray carries it
     assert parse_config({"sync": {"ipc_load": "layerwise"}}).sync.ipc_load == "layerwise"
 
 
