@@ -55,8 +55,6 @@ class SyncLearner:
                 local.add_(0.01)
         torch.cuda.synchronize()
         self.sender.ipc_load = ipc_load
-        if self.sender.ipc_buffer is not None:
-            self.sender.ipc_buffer.load = ipc_load
         seconds, nbytes = self.sender.broadcast(self.model, version=version)
         phases = dict(self.sender.last_phases)
         full = {n: (t.full_tensor() if isinstance(t, DTensor) else t).to(torch.bfloat16)

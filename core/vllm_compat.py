@@ -170,9 +170,10 @@ def _load_from_ipc(worker, *, names, dtype_names, shapes, tensor_bytes, handles)
     if cached is not None and cached[0] == handles and cached[2] is not None:
         replay_copy_plan(cached[2])
     else:
+        from core.weights import flat_views
+
         flat = _open_ipc_buffer(handles, device)
-        pieces = flat[:sum(tensor_bytes)].split(tensor_bytes)
-        views = [piece.view(getattr(torch, dtype)).view(*shape) for piece, dtype, shape in zip(pieces, dtype_names, shapes)]
+        views = flat_views(flat, tensor_bytes, dtype_names, shapes)
         plan = record_copy_plan(model, lambda: model.load_weights(zip(names, views)), source=flat)
         worker._pr1_ipc = (handles, flat, plan)  # a new learner buffer (a restarted learner) replaces the old
     torch.cuda.synchronize(device)  # the learner writes the buffer again once this call returns

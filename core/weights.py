@@ -58,12 +58,23 @@ def make_manifest(named: Iterable[tuple[str, torch.Tensor]], *, version: int, bu
     )
 
 
+def tensor_nbytes(manifest: WeightManifest) -> list[int]:
+    """Bytes of each manifest tensor, in order."""
+    return [_numel(shape) * _dtype(dtype).itemsize for shape, dtype in zip(manifest.shapes, manifest.dtypes)]
+
+
+def flat_views(flat: torch.Tensor, sizes: list[int], dtypes: Iterable[str],
+               shapes: Iterable[Iterable[int]]) -> list[torch.Tensor]:
+    """Typed, shaped views of a flat uint8 buffer holding tensors of `sizes` bytes back to back (no copy)."""
+    return [piece.view(_dtype(dtype)).view(*shape)
+            for piece, dtype, shape in zip(flat[:sum(sizes)].split(sizes), dtypes, shapes)]
+
+
 def plan_buckets(manifest: WeightManifest) -> list[list[int]]:
     """Consecutive manifest indices grouped into buckets of one dtype and at most bucket_bytes each."""
     buckets: list[list[int]] = []
     size = 0
-    for i, (shape, dtype) in enumerate(zip(manifest.shapes, manifest.dtypes)):
-        nbytes = _numel(shape) * _dtype(dtype).itemsize
+    for i, (nbytes, dtype) in enumerate(zip(tensor_nbytes(manifest), manifest.dtypes)):
         same_dtype = buckets and manifest.dtypes[buckets[-1][0]] == dtype
         if same_dtype and size + nbytes <= manifest.bucket_bytes:
             buckets[-1].append(i)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from core.records import CudaIPCHandle, IPCWeights, WeightManifest
+from core.weights import flat_views, tensor_nbytes
 
 
 def gpu_uuid(device: torch.device) -> str:
@@ -26,30 +27,26 @@ def gpu_uuid(device: torch.device) -> str:
 def tensor_bytes(manifest: WeightManifest) -> list[int]:
     """Bytes of each manifest tensor; a tensor whose offset would not be a multiple of its element size
     (a wider dtype after an odd count of narrower elements) cannot be viewed in place: refused, named."""
-    sizes, offset = [], 0
-    for name, shape, dtype in zip(manifest.names, manifest.shapes, manifest.dtypes):
+    sizes, offset = tensor_nbytes(manifest), 0
+    for name, dtype, nbytes in zip(manifest.names, manifest.dtypes, sizes):
         itemsize = getattr(torch, dtype).itemsize
         if offset % itemsize:
             raise ValueError(f"weight {name} ({dtype}) would sit at byte {offset} of the IPC buffer, not a multiple "
                              f"of {itemsize}; the buffer packs tensors without padding")
-        numel = 1
-        for d in shape:
-            numel *= d
-        sizes.append(numel * itemsize)
-        offset += sizes[-1]
+        offset += nbytes
     return sizes
 
 
 class IPCBuffer:
     """One rank's flat buffer of the manifest's tensors, shared through CUDA IPC."""
 
-    def __init__(self, manifest: WeightManifest, *, device: torch.device, load: str) -> None:
+    def __init__(self, manifest: WeightManifest, *, device: torch.device) -> None:
         self.sizes = tensor_bytes(manifest)
         self.flat = torch.empty(sum(self.sizes), dtype=torch.uint8, device=device)
-        self.views = [piece.view(getattr(torch, dtype)).view(shape) for piece, dtype, shape
-                      in zip(self.flat.split(self.sizes), manifest.dtypes, manifest.shapes)]
-        self.device, self.load = device, load
-        self.handles = _gathered_handles(self.flat, device)
+        self.views = flat_views(self.flat, self.sizes, manifest.dtypes, manifest.shapes)
+        self.device = device
+        self.handles = tuple(item for part in every_rank([(gpu_uuid(device), share(self.flat))]) for item in part)
+        """(GPU UUID, handle) of every rank's buffer (rank 0 sends them; the others' copy is unused)."""
         self.names = manifest.names
 
     def fill(self, tensors: Iterable[torch.Tensor]) -> int:
@@ -62,18 +59,18 @@ class IPCBuffer:
         torch.cuda.current_stream(self.device).synchronize()
         return self.flat.numel()
 
-    def record(self) -> IPCWeights:
-        return IPCWeights(handles=self.handles, tensor_bytes=tuple(self.sizes), load=self.load)
+    def record(self, *, load: str) -> IPCWeights:
+        """What the engines are sent; `load`: sync.ipc_load."""
+        return IPCWeights(handles=self.handles, tensor_bytes=tuple(self.sizes), load=load)
 
 
-def _gathered_handles(flat: torch.Tensor, device: torch.device) -> tuple[tuple[str, CudaIPCHandle], ...]:
-    """(GPU UUID, handle) of every rank's buffer (rank 0 sends them; the others' copy is unused)."""
-    mine = [(gpu_uuid(device), share(flat))]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list[list | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, mine)
-        mine = [item for part in gathered for item in (part or [])]
-    return tuple(mine)
+def every_rank(value) -> list:
+    """`value` of every learner rank, in rank order (all ranks call it; one rank: [value])."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def share(t: torch.Tensor) -> CudaIPCHandle:
@@ -92,9 +89,4 @@ def share(t: torch.Tensor) -> CudaIPCHandle:
 
 def gathered_uuids(device: torch.device) -> list[str]:
     """Every learner rank's GPU UUID (all ranks call it)."""
-    mine = gpu_uuid(device)
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [mine]
-    gathered: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    return [u for u in gathered if u is not None]
+    return every_rank(gpu_uuid(device))

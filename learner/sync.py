@@ -193,14 +193,14 @@ class WeightBroadcaster:
                   "re-forming the weight group", flush=True)
             self.connect()
 
-    def verify(self, model: torch.nn.Module, *, version: int) -> int:
+    def verify(self, model: torch.nn.Module, *, version: int, compare: bool = True) -> int:
         """Check that every actor now holds the learner's weights (a few tensors' corners, in the sync dtype).
-        Every rank calls it (the gathers); rank 0 raises naming the actor and tensor that differ. Returns the
-        number of actors checked."""
+        Every rank calls it (the gathers); rank 0 raises naming the actor and tensor that differ. `compare`
+        False (rank 0's sync was skipped): take part in the gathers only. Returns the number of actors checked."""
         state = model.state_dict()
         picked = [(n, t) for n, t in state.items() if any(n.endswith(s) for s in VERIFY_SUFFIXES)]
         expected = weight_corners(zip([n for n, _ in picked], _full_tensors(dict(picked), self.dtype)), VERIFY_SUFFIXES)
-        if self.rank != 0 or not self.receivers:
+        if self.rank != 0 or not self.receivers or not compare:
             return 0
         found = self._get([r.weight_samples.remote(list(expected)) for r in self.receivers],
                           what=f"report their weights after version {version}")
@@ -217,13 +217,13 @@ class WeightBroadcaster:
         from learner.ipc_weights import IPCBuffer
 
         if self.ipc_buffer is None or self.ipc_buffer.names != manifest.names:
-            self.ipc_buffer = IPCBuffer(manifest, device=self.device, load=self.ipc_load)  # a collective
+            self.ipc_buffer = IPCBuffer(manifest, device=self.device)  # a collective
         start = time.perf_counter()
         nbytes = self.ipc_buffer.fill(_whole(t) for t in state.values())
         cast_s = time.perf_counter() - start
         if self.rank == 0 and self.receivers:
             self._ensure_members()
-            manifest = dataclasses.replace(manifest, ipc=self.ipc_buffer.record())
+            manifest = dataclasses.replace(manifest, ipc=self.ipc_buffer.record(load=self.ipc_load))
             self._wait([r.receive_weights.remote(manifest) for r in self.receivers],
                        what=f"load weights of version {manifest.version} from the learner's GPU")
         self.last_phases = {"cast_s": cast_s, "load_s": time.perf_counter() - start - cast_s}

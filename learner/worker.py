@@ -210,10 +210,10 @@ def _loop(cfg: Config, wiring: LearnerWiring, learner: Learner, sync: WeightBroa
         sync_s = sync_bytes = verified = 0
         if version % cfg.sync.interval_steps == 0 or version == cfg.run.num_steps:
             sync_s, sync_bytes = _sync(sync, learner, version=version)
-            if sync_s is not None:
-                synced = version
-            if sync_s is not None and cfg.sync.verify_every_steps and version % cfg.sync.verify_every_steps == 0:
-                verified = sync.verify(learner.model, version=version)
+            landed = sync_s is not None  # rank 0 alone can see a sync skipped (ReceiverLost)
+            synced = version if landed else synced
+            if cfg.sync.verify_every_steps and version % cfg.sync.verify_every_steps == 0:
+                verified = sync.verify(learner.model, version=version, compare=landed)  # every rank: it gathers
             sync_s = sync_s or 0.0
         ckpt = _periodic_checkpoint(cfg, wiring, learner, checkpoints, version=version)
         if rank == 0:

@@ -185,27 +185,35 @@ class SenderProbe:
         return weight_corners(self.model.state_dict().items(), SUFFIXES)
 
 
-def test_two_steps_of_the_whole_system_on_two_gpus(tiny_vl, tmp_path, monkeypatch):
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
+def _whole_system(tiny_vl, tmp_path, monkeypatch, *, name: str, gpus: int, share: float, **sections):
+    """The config of a 3-step run of the whole system on `gpus` GPUs (actor and learner `share` a GPU each),
+    its mlflow store a file store in `tmp_path`; `sections` add to or replace sections."""
     from core.config_files import parse_config
-    from perception_r1.driver import train
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the GPU bundle carries mlflow-skinny (no sqlite)
-    cfg = parse_config({
-        "run": {"name": "gpu-e2e", "num_steps": 3, "output_dir": str(tmp_path)},
-        "cluster": {"num_gpus": 2, "include_dashboard": False},
+    return parse_config({
+        "run": {"name": name, "num_steps": 3, "output_dir": str(tmp_path)},
+        "cluster": {"num_gpus": gpus, "include_dashboard": False},
         "model": {"type": "pretrained", "path": tiny_vl},
         "data": {"dataset": {"type": "synthetic", "num_problems": 32}},
         "rollout": {"engine": {"type": "vllm", "enforce_eager": True, "max_model_len": 4096,
-                               "gpu_memory_utilization": 0.3}, "num_gpus_per_actor": 1, "samples_per_prompt": 4,
+                               "gpu_memory_utilization": 0.3}, "num_gpus_per_actor": share, "samples_per_prompt": 4,
                     "max_new_tokens": 32, "prompts_per_call": 2},
-        "learner": {"num_gpus_per_worker": 1, "prompts_per_step": 2, "dtype": "bfloat16"},
+        "learner": {"num_gpus_per_worker": share, "prompts_per_step": 2, "dtype": "bfloat16"},
         "buffer": {"max_staleness": 1, "max_groups": 8},
         "checkpoint": {"every_steps": 0},
         "tracking": {"mlflow_uri": f"file://{tmp_path}/mlruns", "progress_bar": False, "log_rollouts_every": 0},
+        **sections,
     })
+
+
+def test_two_steps_of_the_whole_system_on_two_gpus(tiny_vl, tmp_path, monkeypatch):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    from perception_r1.driver import train
+
+    cfg = _whole_system(tiny_vl, tmp_path, monkeypatch, name="gpu-e2e", gpus=2, share=1)
     result = train(cfg)
     assert result.final_version == 3 and result.steps_logged == 3
 
@@ -215,26 +223,12 @@ def test_three_steps_of_the_whole_system_on_one_gpu(tiny_vl, tmp_path, monkeypat
     learner checks the engine's weights (sync.verify_every_steps: 1, a mismatch fails the run)."""
     from mlflow.tracking import MlflowClient
 
-    from core.config_files import parse_config
     from perception_r1.driver import train
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the GPU bundle carries mlflow-skinny (no sqlite)
-    cfg = parse_config({
-        "run": {"name": "gpu1-e2e", "num_steps": 3, "output_dir": str(tmp_path)},
-        "cluster": {"num_gpus": 1, "include_dashboard": False},
-        "model": {"type": "pretrained", "path": tiny_vl},
-        "data": {"dataset": {"type": "synthetic", "num_problems": 32}},
-        "rollout": {"engine": {"type": "vllm", "enforce_eager": True, "max_model_len": 4096,
-                               "gpu_memory_utilization": 0.3}, "num_gpus_per_actor": 0.5, "samples_per_prompt": 4,
-                    "max_new_tokens": 32, "prompts_per_call": 2},
-        "learner": {"num_gpus_per_worker": 0.5, "gpu_memory_fraction": 0.5, "prompts_per_step": 2,
-                    "dtype": "bfloat16"},
-        "buffer": {"max_staleness": 1, "max_groups": 8},
-        "sync": {"verify_every_steps": 1},
-        "checkpoint": {"every_steps": 0},
-        "tracking": {"mlflow_uri": f"file://{tmp_path}/mlruns", "progress_bar": False, "log_rollouts_every": 0},
-    })
+    cfg = _whole_system(tiny_vl, tmp_path, monkeypatch, name="gpu1-e2e", gpus=1, share=0.5,
+                        learner={"num_gpus_per_worker": 0.5, "gpu_memory_fraction": 0.5, "prompts_per_step": 2,
+                                 "dtype": "bfloat16"},
+                        sync={"verify_every_steps": 1})
     assert cfg.colocated
     result = train(cfg)
     assert result.final_version == 3 and result.steps_logged == 3
