@@ -143,20 +143,21 @@ class VLLMEngine:
         self._call(self._update(version, lambda: vllm_compat.engine_reload(self.engine, model_dir)),
                    timeout=self._timeout_s)
 
-    async def _update(self, version: int, load: Callable[[], Awaitable[None]]) -> None:
+    async def _update(self, version: int, load: Callable[[], Awaitable[str | None]]) -> None:
         """Pause and drop the old weights' caches, load, stamp the version, resume (even if the load failed)."""
         start = time.perf_counter()
         try:
             await vllm_compat.pause(self.engine)
             paused = time.perf_counter()
-            await load()
+            how = await load()
             loaded = time.perf_counter()
             self._version = version
         finally:
             await vllm_compat.resume(self.engine)
         end = time.perf_counter()
         print(f"vllm engine: weights of version {version} in: pause {1e3 * (paused - start):.1f} ms, load "
-              f"{1e3 * (loaded - paused):.1f} ms, resume {1e3 * (end - loaded):.1f} ms", flush=True)
+              f"{1e3 * (loaded - paused):.1f} ms{f' ({how})' if how else ''}, resume {1e3 * (end - loaded):.1f} ms",
+              flush=True)
 
     def apply_staged_weights(self) -> bool:
         return False  # weights land in the workers during receive_weights

@@ -92,8 +92,8 @@ def main() -> None:
                                                          "ipc" if args.colocated else "vllm")
     loads = ["direct", "layerwise"] if args.colocated else ["nccl"]
     rows = []
-    for version in range(1, args.rounds * len(loads) + 1):
-        load = loads[(version - 1) % len(loads)]
+    for version in range(1, args.rounds * len(loads) + 1):  # each load's rounds in a row: a replayed direct
+        load = loads[(version - 1) // args.rounds]          # load is timed with nothing else touching the engine
         out = ray.get(learner.round.remote(version, load))
         got_version, got = ray.get(actor.weight_samples.remote(CHECK))
         rows.append({"round": version, "load": load, "seconds": out["seconds"], "GB": out["bytes"] / 1e9,

@@ -137,11 +137,12 @@ async def engine_receive(engine, *, names: list[str], dtype_names: list[str], sh
 
 
 async def engine_receive_ipc(engine, *, names: list[str], dtype_names: list[str], shapes: list[list[int]],
-                             tensor_bytes: list[int], handles: tuple, load: str) -> None:
+                             tensor_bytes: list[int], handles: tuple, load: str) -> str:
     """Load an update from the learner's CUDA-IPC buffer (`handles`: (GPU UUID, `CudaIPCHandle`) per GPU).
     `layerwise`: vLLM's IPC weight-transfer backend (the engine built with `weight_transfer="ipc"`): a private
     copy of each tensor, then the layer-wise reload. `direct`: each worker opens the buffer and the model's
-    own weight loaders copy from it into the live parameters (no copy, no reload; unquantized models)."""
+    own weight loaders copy from it into the live parameters (no copy, no reload; unquantized models).
+    Returns how the first worker loaded: `layerwise`, `recorded`, `replayed` or `loaders` (no replay possible)."""
     handles = [(uuid, dataclasses.asdict(h)) for uuid, h in handles]  # plain values across vLLM's RPC
     if load == "layerwise":
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
@@ -153,13 +154,14 @@ async def engine_receive_ipc(engine, *, names: list[str], dtype_names: list[str]
             "ipc_handles_pickled": base64.b64encode(pickle.dumps(
                 {uuid: rebuild_args(h, h["device"]) for uuid, h in handles})).decode()}))
         await engine.finish_weight_update()
-        return
+        return "layerwise"
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
-    await engine.collective_rpc(_load_from_ipc, kwargs={"names": names, "dtype_names": dtype_names, "shapes": shapes,
-                                                        "tensor_bytes": tensor_bytes, "handles": handles})
+    return (await engine.collective_rpc(_load_from_ipc, kwargs={
+        "names": names, "dtype_names": dtype_names, "shapes": shapes, "tensor_bytes": tensor_bytes,
+        "handles": handles}))[0]
 
 
-def _load_from_ipc(worker, *, names, dtype_names, shapes, tensor_bytes, handles) -> None:
+def _load_from_ipc(worker, *, names, dtype_names, shapes, tensor_bytes, handles) -> str:
     """On an engine worker: the learner's buffer, opened on this worker's GPU, into the live model. The first
     update runs the model's weight loaders and records the copies they make (`record_copy_plan`); the buffer
     stays open (the learner's is persistent, its handle the same every time), so later updates replay those
@@ -169,6 +171,7 @@ def _load_from_ipc(worker, *, names, dtype_names, shapes, tensor_bytes, handles)
     cached = getattr(worker, "_pr1_ipc", None)
     if cached is not None and cached[0] == handles and cached[2] is not None:
         replay_copy_plan(cached[2])
+        how = "replayed"
     else:
         from core.weights import flat_views
 
@@ -176,7 +179,9 @@ def _load_from_ipc(worker, *, names, dtype_names, shapes, tensor_bytes, handles)
         views = flat_views(flat, tensor_bytes, dtype_names, shapes)
         plan = record_copy_plan(model, lambda: model.load_weights(zip(names, views)), source=flat)
         worker._pr1_ipc = (handles, flat, plan)  # a new learner buffer (a restarted learner) replaces the old
+        how = "recorded" if plan is not None else "loaders"
     torch.cuda.synchronize(device)  # the learner writes the buffer again once this call returns
+    return how
 
 
 def _open_ipc_buffer(handles: tuple, device: int) -> torch.Tensor:

@@ -174,24 +174,29 @@ class WeightBroadcaster:
                 lost.append(i)
         return lost
 
-    def _ensure_members(self) -> None:
+    def _ensure_members(self, asked: list | None = None) -> None:
         """Re-form the group when an actor was restarted (Ray restarts it bare: it is in no group);
-        waits for restarting actors up to the sync timeout."""
+        waits for restarting actors up to the sync timeout. `asked`: the ports already asked for."""
         deadline = time.perf_counter() + self.timeout_s
         while True:
             try:
-                ports = ray.get([r.weight_group_port.remote() for r in self.receivers], timeout=self.timeout_s)
+                asked = asked or self._ask_ports()
+                ports = ray.get(asked, timeout=self.timeout_s)
                 break
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                 if time.perf_counter() > deadline:
                     raise SyncTimeout(f"a generation actor did not come back within sync.timeout_s="
                                       f"{self.timeout_s:g}s ({type(e).__name__}); its restarts may be exhausted "
                                       "(rollout.max_restarts)") from e
+                asked = None
                 time.sleep(1.0)
         if any(p != self.port for p in ports):
             print(f"learner: generation actor(s) {[i for i, p in enumerate(ports) if p != self.port]} restarted; "
                   "re-forming the weight group", flush=True)
             self.connect()
+
+    def _ask_ports(self) -> list:
+        return [r.weight_group_port.remote() for r in self.receivers]
 
     def verify(self, model: torch.nn.Module, *, version: int, compare: bool = True) -> int:
         """Check that every actor now holds the learner's weights (a few tensors' corners, in the sync dtype).
@@ -218,11 +223,12 @@ class WeightBroadcaster:
 
         if self.ipc_buffer is None or self.ipc_buffer.names != manifest.names:
             self.ipc_buffer = IPCBuffer(manifest, device=self.device)  # a collective
+        asked = self._ask_ports() if self.rank == 0 and self.receivers else None  # answered while the GPU casts
         start = time.perf_counter()
         nbytes = self.ipc_buffer.fill(_whole(t) for t in state.values())
         cast_s = time.perf_counter() - start
-        if self.rank == 0 and self.receivers:
-            self._ensure_members()
+        if asked:
+            self._ensure_members(asked)
             manifest = dataclasses.replace(manifest, ipc=self.ipc_buffer.record(load=self.ipc_load))
             self._wait([r.receive_weights.remote(manifest) for r in self.receivers],
                        what=f"load weights of version {manifest.version} from the learner's GPU")
