@@ -23,6 +23,7 @@ from core.records import (
     WeightGroupSpec,
     WeightManifest,
 )
+from actors.busy import BusyClock
 from core.seams import Engine
 
 
@@ -43,29 +44,37 @@ class GenerationActor:
         self.engine: Engine = build_engine()
         self.lock = threading.Lock()
         self.group_port = 0
+        self.clock = BusyClock()
         self._reset_counters()
 
     def _reset_counters(self) -> None:
         self.num_groups = self.num_tokens = self.num_updates = 0
-        self.busy_s = self.apply_s = 0.0
+        self.apply_s = 0.0
 
     @ray.method(concurrency_group="generate")
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling | None = None) -> list[RolloutGroup]:
         """Every prompt's group, in order (validation's calls, with their own sampling)."""
-        start = time.perf_counter()
-        groups = self.engine.generate(prompts, sampling=self._call_sampling(sampling, start), actor_id=self.actor_id)
-        self._count(groups, start)
+        self.clock.enter()
+        try:
+            groups = self.engine.generate(prompts, sampling=self._call_sampling(sampling, time.perf_counter()),
+                                          actor_id=self.actor_id)
+        finally:
+            self.clock.leave()
+        self._count(groups)
         return groups
 
     @ray.method(concurrency_group="generate")
     def stream(self, prompts: Sequence[Prompt]) -> Iterator[tuple[int, RolloutGroup]]:
         """(index in `prompts`, group) as each group finishes (a Ray streaming generator): a call's slowest
         group holds only its own place in the engine, the dispatcher refills the others as they come back."""
-        start = time.perf_counter()
-        for i, group in self.engine.stream(prompts, sampling=self._call_sampling(None, start), actor_id=self.actor_id):
-            self._count([group], start)
-            start = time.perf_counter()
-            yield i, group
+        self.clock.enter()
+        try:
+            sampling = self._call_sampling(None, time.perf_counter())
+            for i, group in self.engine.stream(prompts, sampling=sampling, actor_id=self.actor_id):
+                self._count([group])
+                yield i, group
+        finally:
+            self.clock.leave()
 
     def _call_sampling(self, sampling: Sampling | None, start: float) -> Sampling:
         """Applies staged weights (the safe point) and seeds the call: the actor's sampling unless given."""
@@ -76,11 +85,10 @@ class GenerationActor:
         call_seed = sampling.seed + 1_000_003 * self.actor_id + self.num_groups
         return Sampling(sampling.n, sampling.temperature, sampling.top_p, sampling.max_new_tokens, call_seed)
 
-    def _count(self, groups: Sequence[RolloutGroup], start: float) -> None:
+    def _count(self, groups: Sequence[RolloutGroup]) -> None:
         with self.lock:
             self.num_groups += len(groups)
             self.num_tokens += sum(g.num_completion_tokens for g in groups)
-            self.busy_s += time.perf_counter() - start
 
     @ray.method(concurrency_group="sync")
     def join_weight_group(self, spec: WeightGroupSpec) -> None:
@@ -125,7 +133,7 @@ class GenerationActor:
         with self.lock:
             out = GenerationStats(
                 actor_id=self.actor_id, num_groups=self.num_groups, num_tokens=self.num_tokens,
-                busy_seconds=self.busy_s, version=self.engine.version, num_weight_updates=self.num_updates,
+                busy_seconds=self.clock.take(), version=self.engine.version, num_weight_updates=self.num_updates,
                 weight_apply_seconds=self.apply_s)
             self._reset_counters()
         return out
