@@ -133,6 +133,11 @@ class VLLMEngine:
                 shapes=[list(s) for s in manifest.shapes], tensor_bytes=list(ipc.tensor_bytes), handles=ipc.handles,
                 load=ipc.load))
             return
+        if manifest.load != "layerwise":  # direct (or the benchmark's wire-only rounds)
+            await self._update(manifest.version, lambda: vllm_compat.engine_receive_direct(
+                self.engine, names=list(manifest.names), dtype_names=list(manifest.dtypes),
+                shapes=[list(s) for s in manifest.shapes], bucket_bytes=manifest.bucket_bytes, load=manifest.load))
+            return
         await self._update(manifest.version, lambda: vllm_compat.engine_receive(
             self.engine, names=list(manifest.names), dtype_names=list(manifest.dtypes),
             shapes=[list(s) for s in manifest.shapes], packed_buffer_bytes=manifest.bucket_bytes))

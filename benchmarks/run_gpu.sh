@@ -30,7 +30,7 @@ run() {  # run NAME SECONDS CMD...
 for stage in "$@"; do
     case "$stage" in
         tests) run tests ${TESTS_LIMIT:-420} python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -k "${TESTS_K:-.}" ;;
-        sync) run sync ${SYNC_LIMIT:-200} python3 -m benchmarks.bench_weight_sync /tmp/pr1-assets/vl7b --rounds 4 --eager ;;
+        sync) run sync ${SYNC_LIMIT:-200} python3 -m benchmarks.bench_weight_sync /tmp/pr1-assets/vl7b --rounds 6 --eager ;;
         sync1) run sync1 ${SYNC_LIMIT:-300} python3 -m benchmarks.bench_weight_sync /tmp/pr1-assets/vl3b --rounds 4 --eager --colocated ;;
         e2e1) run e2e1 ${E2E_LIMIT:-560} python3 -m benchmarks.bench_async configs/gpu1-3b.yaml --staleness ${E2E_STALENESS:-0 2} --steps ${E2E_STEPS:-10} --name async_sync_1gpu_3b ${E2E_ARGS:-} ;;
         actor) run actor 560 python3 -m benchmarks.bench_vllm_actor /tmp/pr1-assets/vl7b --prompts ${ACTOR_PROMPTS:-192} --n 8 --max-tokens 2048 --eager ${ACTOR_ARGS---one-call} ;;

@@ -243,6 +243,12 @@ class SyncConfig(Section):
     (the model's own weight loaders copy straight from the shared buffer into the live parameters) or
     `layerwise` (vLLM's IPC weight-transfer backend: a private copy, then vLLM's layer-wise reload, which also
     reprocesses quantized layers). Measured in benchmarks/README.md (weight_sync_colocated)."""
+    nccl_load: Literal["direct", "layerwise"] = "layerwise"
+    """How a vLLM engine on another GPU loads a broadcast: `layerwise` (vLLM's NCCL weight-transfer consumer
+    and layer-wise reload: fresh tensors, ~800 loader calls, copied back) or `direct` (each bucket received
+    into one persistent buffer; the model's loaders copy from it the first time, their copies are replayed in
+    one `_foreach_copy_` a bucket after; unquantized models). `direct` has not run on two GPUs yet
+    (benchmarks/README.md, weight_sync_7b); the same replay serves `ipc_load: direct` on one GPU."""
 
 
 class SFTConfig(Section):

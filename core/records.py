@@ -249,6 +249,10 @@ class WeightManifest:
     """Tensors are packed into flat buckets of at most this many bytes (one tensor may exceed it)."""
     ipc: IPCWeights | None = None
     """Set when the weights are not broadcast but lie in the learner's CUDA-IPC buffer on the receiver's GPU."""
+    load: str = "layerwise"
+    """How a vLLM engine takes a broadcast (config: sync.nccl_load): `layerwise` (vLLM's packed NCCL consumer
+    and layer-wise reload) or `direct` (each bucket received into one persistent buffer, the copies the model's
+    loaders made from it the first time replayed after); `wire` receives and drops (the benchmark's floor)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -168,11 +168,14 @@ def _load_from_ipc(worker, *, names, dtype_names, shapes, tensor_bytes, handles)
     copies in one `torch._foreach_copy_` instead of ~800 Python loader calls."""
     device = worker.device.index
     model = worker.model_runner.model
+    from core.copy_plan import replay_copy_plan
+
     cached = getattr(worker, "_pr1_ipc", None)
     if cached is not None and cached[0] == handles and cached[2] is not None:
         replay_copy_plan(cached[2])
         how = "replayed"
     else:
+        from core.copy_plan import record_copy_plan
         from core.weights import flat_views
 
         flat = _open_ipc_buffer(handles, device)
@@ -181,6 +184,33 @@ def _load_from_ipc(worker, *, names, dtype_names, shapes, tensor_bytes, handles)
         worker._pr1_ipc = (handles, flat, plan)  # a new learner buffer (a restarted learner) replaces the old
         how = "recorded" if plan is not None else "loaders"
     torch.cuda.synchronize(device)  # the learner writes the buffer again once this call returns
+    return how
+
+
+async def engine_receive_direct(engine, *, names: list[str], dtype_names: list[str], shapes: list[list[int]],
+                                bucket_bytes: int, load: str) -> str:
+    """Take a broadcast on the weight-transfer group without vLLM's consumer: every worker receives each
+    bucket into one persistent buffer and loads it (`core.copy_plan.BucketReceiver`: the model's loaders the
+    first time, their copies replayed after). `load`: `direct`, or `wire` (received and dropped). Returns
+    how the first worker loaded."""
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
+    return (await engine.collective_rpc(_receive_direct, kwargs={
+        "names": names, "dtype_names": dtype_names, "shapes": shapes, "bucket_bytes": bucket_bytes,
+        "load": load}))[0]
+
+
+def _receive_direct(worker, *, names, dtype_names, shapes, bucket_bytes, load) -> str:
+    from core.copy_plan import BucketReceiver
+    from core.records import WeightManifest
+
+    manifest = WeightManifest(version=0, names=tuple(names), shapes=tuple(tuple(s) for s in shapes),
+                              dtypes=tuple(dtype_names), bucket_bytes=bucket_bytes)
+    receiver = getattr(worker, "_pr1_direct", None)
+    if receiver is None or not receiver.matches(manifest):
+        receiver = worker._pr1_direct = BucketReceiver(manifest, device=worker.device)
+    group, stream = worker.weight_transfer_engine.model_update_group, torch.cuda.current_stream()
+    how = receiver.receive(worker.model_runner.model, lambda t: group.broadcast(t, src=0, stream=stream), load=load)
+    torch.cuda.synchronize(worker.device)
     return how
 
 
@@ -199,48 +229,6 @@ def rebuild_args(h: dict, device: int) -> tuple:
     return (torch.Tensor, torch.Size(h["size"]), tuple(h["stride"]), h["offset"], torch.storage.TypedStorage,
             getattr(torch, h["dtype"]), device, h["handle"], h["storage_size_bytes"], h["storage_offset_bytes"], False,
             h["ref_counter_handle"], h["ref_counter_offset"], h["event_handle"], h["event_sync_required"])
-
-
-def record_copy_plan(model: torch.nn.Module, load, *, source: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Run `load()` (the model's weight loaders over views of `source`) and return the (destination, source)
-    pairs of the `Tensor.copy_` calls it made, to replay later; None when a replay would not redo the load
-    (then every update runs the loaders): a copy from outside `source` (a loader transformed the weight), into
-    something that is not a parameter's memory, or parameters not fully written by the copies (a loader
-    that wrote another way)."""
-    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-    original, own = torch.Tensor.copy_, "copy_" in vars(torch.Tensor)
-
-    def spy(self, src, non_blocking=False):
-        calls.append((self, src))
-        return original(self, src, non_blocking)
-
-    torch.Tensor.copy_ = spy
-    try:
-        load()
-    finally:
-        if own:
-            torch.Tensor.copy_ = original
-        else:
-            del torch.Tensor.copy_  # torch's own method again (it lives on the C base class)
-    return calls if _replayable(model, calls, source) else None
-
-
-def _replayable(model: torch.nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]], source: torch.Tensor) -> bool:
-    source_ptr = source.untyped_storage().data_ptr()
-    params = {p.untyped_storage().data_ptr(): p.numel() for p in model.parameters()}
-    written: dict[int, int] = {}
-    for dst, src in calls:
-        if not isinstance(src, torch.Tensor) or src.untyped_storage().data_ptr() != source_ptr:
-            return False
-        ptr = dst.untyped_storage().data_ptr()
-        if ptr not in params:
-            return False
-        written[ptr] = written.get(ptr, 0) + dst.numel()
-    return written == params
-
-
-def replay_copy_plan(plan: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    torch._foreach_copy_([dst for dst, _ in plan], [src for _, src in plan])
 
 
 async def worker_gpu_uuids(engine) -> list[str]:
@@ -292,3 +280,8 @@ def trainer_send(group, named: Iterator[tuple[str, torch.Tensor]], *, packed_buf
 
     NCCLWeightTransferEngine.trainer_send_weights(
         named, {"group": group, "packed": True, "packed_buffer_size_bytes": packed_buffer_bytes})
+
+
+def trainer_broadcast(group, tensor: torch.Tensor) -> None:
+    """One tensor from the trainer (rank 0) to every worker of the weight-transfer group, on the current stream."""
+    group.broadcast(tensor, src=0, stream=torch.cuda.current_stream() if tensor.is_cuda else None)

@@ -85,6 +85,14 @@ def plan_buckets(manifest: WeightManifest) -> list[list[int]]:
     return buckets
 
 
+def bucket_views(slot: torch.Tensor, manifest: WeightManifest, bucket: list[int],
+                 sizes: list[int]) -> list[torch.Tensor]:
+    """Typed, shaped views of the bucket's tensors packed back to back at the start of a flat uint8 `slot`
+    (`sizes`: `tensor_nbytes(manifest)`); one dtype a bucket (`plan_buckets`), so every view is aligned."""
+    return flat_views(slot, [sizes[i] for i in bucket], [manifest.dtypes[i] for i in bucket],
+                      [manifest.shapes[i] for i in bucket])
+
+
 def send(group: dist.ProcessGroup, manifest: WeightManifest, tensors: Iterable[torch.Tensor], *,
          device: torch.device, timeout_s: float) -> int:
     """Broadcast tensors (in manifest order) from rank 0, bucket by bucket. Returns bytes sent."""

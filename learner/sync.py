@@ -56,14 +56,15 @@ class WeightBroadcaster:
 
     def __init__(self, *, receivers: Sequence, rank: int, backend: str, timeout_s: float,
                  bucket_bytes: int, dtype: torch.dtype, device: torch.device, transport: str = "torch",
-                 ipc_load: str = "direct") -> None:
+                 ipc_load: str = "direct", nccl_load: str = "layerwise") -> None:
         assert transport in ("torch", "vllm", "ipc"), transport
         self.receivers, self.rank, self.backend, self.transport = list(receivers), rank, backend, transport
         self.timeout_s, self.bucket_bytes, self.dtype, self.device = timeout_s, bucket_bytes, dtype, device
         self.group = None
         self.port = 0
         self.ipc_load, self.ipc_buffer, self.learner_gpus = ipc_load, None, []
-        self.ipc_source: tuple | None = None  # (model, its storage, manifest, tensors): see _ipc_source
+        self.local_source: tuple | None = None  # (model, its storage, manifest, tensors): see _local_source
+        self.nccl_load, self.send_slot = nccl_load, None  # send_slot: `direct` loads' bucket buffer
         self.last_phases: dict[str, float] = {}
         """The IPC path's last update by phase: `cast_s` (into the buffer), `load_s` (the engines' part)."""
 
@@ -122,12 +123,18 @@ class WeightBroadcaster:
         if after is not None:
             after.synchronize()
         if self.transport == "ipc":
-            nbytes = self._hand_over(*self._ipc_source(model, version))
+            nbytes = self._hand_over(*self._local_source(model, version))
             return time.perf_counter() - start, nbytes
-        state = model.state_dict()
-        manifest = make_manifest(((n, _meta(t, self.dtype)) for n, t in state.items()),
-                                 version=version, bucket_bytes=self.bucket_bytes)
-        tensors = _full_tensors(state, self.dtype)
+        direct = self.transport == "vllm" and self.nccl_load != "layerwise"
+        if direct and _one_rank():
+            manifest, tensors = self._local_source(model, version)  # cast as they are packed
+        else:
+            state = model.state_dict()
+            manifest = make_manifest(((n, _meta(t, self.dtype)) for n, t in state.items()),
+                                     version=version, bucket_bytes=self.bucket_bytes)
+            tensors = _full_tensors(state, self.dtype)
+        if self.transport == "vllm":
+            manifest = dataclasses.replace(manifest, load=self.nccl_load)
         if self.rank != 0 or not self.receivers:
             for _ in tensors:  # take part in the gathers, send nothing
                 pass
@@ -136,7 +143,9 @@ class WeightBroadcaster:
         refs = [r.receive_weights.remote(manifest) for r in self.receivers]
         failure = None
         try:
-            if self.transport == "vllm":
+            if direct:
+                sent = self._send_direct(manifest, tensors)
+            elif self.transport == "vllm":
                 sent = self._send_vllm(manifest, tensors)
             else:
                 sent = send(self.group, manifest, tensors, device=self.device, timeout_s=self.timeout_s)
@@ -218,22 +227,22 @@ class WeightBroadcaster:
                                    "did not land; check the actor's log for a load error")
         return len(found)
 
-    def _ipc_source(self, model: torch.nn.Module, version: int) -> tuple[WeightManifest, list[torch.Tensor]]:
+    def _local_source(self, model: torch.nn.Module, version: int) -> tuple[WeightManifest, list[torch.Tensor]]:
         """The manifest and the whole tensors to cast into the buffer. With one learner rank (every colocated
         run) both are taken once per model and kept while its parameters' storage stays where it was:
         FSDP2 keeps its sharded parameters, and the optimizer and a checkpoint's load update them in place,
         so the same local tensors hold each step's values. Taking them again (state_dict, ~825 manifest
         stand-ins, to_local) is host work: ~19 ms of the 51 ms a sync took on the H200 went before the cast;
         the same calls take 37-68 ms on a 2-core CPU machine, the storage check 4 ms."""
-        cached, where = self.ipc_source, _storage(model)
+        cached, where = self.local_source, _storage(model)
         if cached is not None and cached[0] is model and cached[1] == where:
             return dataclasses.replace(cached[2], version=version), cached[3]
         state = model.state_dict()
         manifest = make_manifest(((n, _meta(t, self.dtype)) for n, t in state.items()),
                                  version=version, bucket_bytes=self.bucket_bytes)
         tensors = [_whole(t) for t in state.values()]
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            self.ipc_source = (model, where, manifest, tensors)
+        if _one_rank():
+            self.local_source = (model, where, manifest, tensors)
         return manifest, tensors
 
     def _hand_over(self, manifest: WeightManifest, tensors: list[torch.Tensor]) -> int:
@@ -274,6 +283,25 @@ class WeightBroadcaster:
         vllm_compat.trainer_send(self.group, named(), packed_buffer_bytes=manifest.bucket_bytes)
         return sent
 
+    def _send_direct(self, manifest: WeightManifest, tensors) -> int:
+        """Each bucket packed into one persistent buffer (cast in the copy: one fused launch a bucket) and
+        broadcast from it; the engines receive into theirs and load (`core.copy_plan.BucketReceiver`)."""
+        from core import vllm_compat
+        from core.weights import bucket_views, plan_buckets, tensor_nbytes
+
+        sizes, buckets, it = tensor_nbytes(manifest), plan_buckets(manifest), iter(tensors)
+        need = max(sum(sizes[i] for i in bucket) for bucket in buckets)
+        if self.send_slot is None or self.send_slot.numel() < need:
+            self.send_slot = torch.empty(need, dtype=torch.uint8, device=self.device)
+        sent = 0
+        for bucket in buckets:
+            with torch.no_grad():
+                torch._foreach_copy_(bucket_views(self.send_slot, manifest, bucket, sizes), [next(it) for _ in bucket])
+            nbytes = sum(sizes[i] for i in bucket)
+            vllm_compat.trainer_broadcast(self.group, self.send_slot[:nbytes])  # same stream: after the copy
+            sent += nbytes
+        return sent
+
     def _wait(self, refs: list, *, what: str, timeout_s: float | None = None) -> None:
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s if timeout_s is None else timeout_s)
         stuck = [i for i, ref in enumerate(refs) if ref not in ready]
@@ -289,6 +317,10 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
     if not isinstance(t, DTensor):
         return t
     return t.to_local() if t.device_mesh.size() == 1 else t.full_tensor()
+
+
+def _one_rank() -> bool:
+    return not dist.is_initialized() or dist.get_world_size() == 1
 
 
 def _storage(model: torch.nn.Module) -> list[int]:

@@ -79,7 +79,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     sync = WeightBroadcaster(
         receivers=wiring.actors, rank=rank, backend=_backend(cfg, device), timeout_s=cfg.sync.timeout_s,
         bucket_bytes=cfg.sync.bucket_mb << 20, dtype=getattr(torch, cfg.learner.dtype), device=device,
-        transport=wiring.weight_transport, ipc_load=cfg.sync.ipc_load)
+        transport=wiring.weight_transport, ipc_load=cfg.sync.ipc_load, nccl_load=cfg.sync.nccl_load)
     connect_s = _share_gpu(cfg, sync, device) if cfg.colocated else 0.0
     learner = Learner(wiring.model_path, cfg=cfg.learner, data=cfg.data, temperature=cfg.rollout.temperature,
                       device=device, random_weights=getattr(cfg.model, "random_weights", False))

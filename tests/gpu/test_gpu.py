@@ -135,7 +135,9 @@ def test_learner_step_on_gpu_learns(tiny_vl):
     assert changed > len(before) // 2
 
 
-def test_nccl_sync_into_running_vllm_engine(tiny_vl):
+@pytest.mark.parametrize("load", ["layerwise", "direct"])
+def test_nccl_sync_into_running_vllm_engine(tiny_vl, load):
+    """Two syncs (a `direct` load records the loaders' copies, then replays them); equal after each."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     from actors.actor import remote_class
@@ -151,11 +153,12 @@ def test_nccl_sync_into_running_vllm_engine(tiny_vl):
         actor = remote_class(generate_concurrency=2).options(num_gpus=1).remote(
             actor_id=0, build_engine=functools.partial(build_engine, cfg=cfg, model_path=tiny_vl),
             sampling=Sampling(2, 1.0, 1.0, 8))
-        probe = SenderProbe.options(num_gpus=1).remote(tiny_vl, [actor])
-        want = ray.get(probe.sync.remote(version=1))
-        version, got = ray.get(actor.weight_samples.remote(SUFFIXES))
-        assert version == 1 and set(got) == set(SUFFIXES)
-        assert got == want
+        probe = SenderProbe.options(num_gpus=1).remote(tiny_vl, [actor], load)
+        for v in (1, 2):
+            want = ray.get(probe.sync.remote(version=v))
+            version, got = ray.get(actor.weight_samples.remote(SUFFIXES))
+            assert version == v and set(got) == set(SUFFIXES)
+            assert got == want
     finally:
         ray.shutdown()
 
@@ -164,7 +167,7 @@ def test_nccl_sync_into_running_vllm_engine(tiny_vl):
 class SenderProbe:
     """The learner's sending side alone: a bf16 model on its own GPU and the vLLM wire."""
 
-    def __init__(self, model_path, receivers):
+    def __init__(self, model_path, receivers, load="layerwise"):
         from transformers import AutoModelForImageTextToText
 
         from learner.sync import WeightBroadcaster
@@ -172,7 +175,7 @@ class SenderProbe:
         self.model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.bfloat16).cuda()
         self.sender = WeightBroadcaster(receivers=receivers, rank=0, backend="nccl", timeout_s=120,
                                         bucket_bytes=64 << 20, dtype=torch.bfloat16, device=torch.device("cuda"),
-                                        transport="vllm")
+                                        transport="vllm", nccl_load=load)
         self.sender.connect()
 
     def sync(self, version):

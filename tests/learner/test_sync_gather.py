@@ -44,7 +44,7 @@ def test_shards_cast_then_gathered_equal_the_whole_model_cast():
     assert results == {0: [True] * 4, 1: [True] * 4}
 
 
-def _one_rank_ipc_source(port: int, out) -> None:
+def _one_rank_local_source(port: int, out) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
@@ -58,26 +58,26 @@ def _one_rank_ipc_source(port: int, out) -> None:
         fully_shard(model)
         sender = WeightBroadcaster(receivers=[], rank=0, backend="gloo", timeout_s=5, bucket_bytes=1 << 20,
                                    dtype=torch.bfloat16, device=torch.device("cpu"), transport="ipc")
-        first, tensors = sender._ipc_source(model, 1)
+        first, tensors = sender._local_source(model, 1)
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
         model(torch.ones(2, 7)).sum().backward()
         optimizer.step()  # in place: the kept tensors now hold the new values
-        second, kept = sender._ipc_source(model, 2)
+        second, kept = sender._local_source(model, 2)
         now = [t.full_tensor() for t in model.state_dict().values()]
         same = kept is tensors and all(torch.equal(a, b) for a, b in zip(kept, now))
         with torch.no_grad():  # the storage replaced (as a load with assign=True would): taken again
             model[0].weight._local_tensor = model[0].weight._local_tensor.clone() + 1
-        _, again = sender._ipc_source(model, 3)
+        _, again = sender._local_source(model, 3)
         out.put((second.version, first.names == second.names, same, again is not tensors,
                  torch.equal(again[0], model[0].weight.full_tensor())))
     finally:
         dist.destroy_process_group()
 
 
-def test_one_rank_ipc_source_is_taken_once_and_follows_the_optimizer_and_a_moved_storage():
+def test_one_rank_local_source_is_taken_once_and_follows_the_optimizer_and_a_moved_storage():
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    proc = ctx.Process(target=_one_rank_ipc_source, args=(free_port(), out))
+    proc = ctx.Process(target=_one_rank_local_source, args=(free_port(), out))
     proc.start()
     got = out.get(timeout=120)
     proc.join(timeout=60)
