@@ -52,6 +52,13 @@ class JudgeService:
             serve.shutdown()
 
 
+SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
+"""Environment for the Serve controller a job starts (put in the job's runtime env, which the controller
+inherits): Serve kills an HTTP proxy that does not answer within 5 s of starting, and on a busy 2-core
+machine a proxy's process can take longer to import; `serve.start` then fails with the proxy's
+ActorDiedError (seen in CI under `ray job submit`)."""
+
+
 def start_judge(cfg: JudgeConfig) -> JudgeService:
     """Deploy the judge's Serve applications (after `ray.init`) and wait until they answer."""
     import ray

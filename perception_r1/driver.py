@@ -29,7 +29,7 @@ from core.records import Sampling
 from dataprep.loaders import load_prompts as load_file
 from dataprep.synthetic import make_problems
 from judge.prompt_file import load_system_prompt
-from judge.service import start_judge
+from judge.service import SERVE_ENV, start_judge
 from learner.sft import SFTInterrupted, run_sft
 from learner.worker import LearnerWiring, train_loop_per_worker
 from perception_r1 import preflight, run_checkpoints
@@ -128,7 +128,7 @@ def init_ray(cfg: Config) -> str:
         return "reused"
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"NCCL_NVLS_ENABLE": "0", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-                        "TRANSFORMERS_OFFLINE": "1"}}
+                        "TRANSFORMERS_OFFLINE": "1", **SERVE_ENV}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return "joined"

@@ -33,11 +33,13 @@ def shared_ray():
     `ray.shutdown()` first; the next user starts a fresh shared one."""
     import ray
 
+    from judge.service import SERVE_ENV
+
     if not ray.is_initialized():
         _shared["metrics_port"] = free_port()
         ray.init(num_cpus=2, include_dashboard=True,  # the state API (tests look up worker pids) needs it
                  _metrics_export_port=_shared["metrics_port"],
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **SERVE_ENV}})
     return ray
 
 
