@@ -115,6 +115,7 @@ class VLLMEngine:
 
     def join_weight_group(self, spec: WeightGroupSpec) -> None:
         if spec.backend == "ipc":  # weights come through the learner's buffer on this GPU: no group to join
+            self._call(vllm_compat.engine_forget_ipc(self.engine), timeout=spec.timeout_s)  # a dead learner's
             self._timeout_s = spec.timeout_s
             return
         self._call(vllm_compat.engine_join_group(self.engine, host=spec.host, port=spec.port, rank_offset=spec.rank,

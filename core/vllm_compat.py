@@ -214,6 +214,22 @@ def _receive_direct(worker, *, names, dtype_names, shapes, bucket_bytes, load) -
     return how
 
 
+async def engine_forget_ipc(engine) -> None:
+    """Close every worker's mapping of a learner's IPC buffer (at a learner's connect): the mapping keeps a
+    learner's buffer alive after its process died, which would hold that GPU memory (the model in bf16)
+    while a restarted learner allocates its own."""
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
+
+    def on_worker(worker):
+        import gc
+
+        if getattr(worker, "_pr1_ipc", None) is not None:
+            worker._pr1_ipc = None  # the buffer and the copy plan's views of it
+            gc.collect()
+
+    await engine.collective_rpc(on_worker)
+
+
 def _open_ipc_buffer(handles: tuple, device: int) -> torch.Tensor:
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 

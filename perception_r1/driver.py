@@ -165,11 +165,14 @@ def build_engine(*, cfg: Config, model_path: str):
                       random_weights=getattr(cfg.model, "random_weights", False))
     from actors.vllm_engine import VLLMEngine
 
+    # vLLM's backend names: the learner's `vllm` transport is its NCCL weight-transfer group
     return VLLMEngine(model_path, cfg=engine, data=cfg.data, seed=cfg.run.seed,
-                      weight_transfer="ipc" if cfg.colocated else "nccl")
+                      weight_transfer={"vllm": "nccl", "ipc": "ipc"}[weight_transport(cfg)])
 
 
 def weight_transport(cfg: Config) -> str:
+    """How weights reach the generation actors: `torch` (HF engines), `ipc` (vLLM engines on the learner's
+    GPU), `vllm` (vLLM engines on other GPUs: vLLM's NCCL weight-transfer group)."""
     if isinstance(cfg.rollout.engine, HFEngineConfig):
         return "torch"
     return "ipc" if cfg.colocated else "vllm"
