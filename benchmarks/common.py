@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("PR1_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
+"""Where result files go: benchmarks/results, or PR1_RESULTS_DIR (run_gpu.sh: outside the working tree, which
+the device tool replaces at each call, deleting files a benchmark left running across calls wrote there)."""
 
 
 def device() -> str:

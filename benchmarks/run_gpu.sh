@@ -2,12 +2,13 @@
 # On the GPU machine (device tool), after the wheel bundle's parts were moved to /tmp/bundle:
 #   bash benchmarks/run_gpu.sh STAGE...     STAGE: tests | sync | sync1 | actor | judge | learner3b | learner7b | e2e | e2e1
 # Installs the bundle once (/tmp/site), writes model assets once (/tmp/pr1-assets), runs the stages,
-# logs and result JSON to $OUT (and benchmarks/results/).
+# logs and result JSON to $OUT (PR1_RESULTS_DIR; a job kept running across device calls: OUT=/tmp/..., copied out by a later call).
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export VLLM_ALLOW_INSECURE_SERIALIZATION=1 RAY_USAGE_STATS_ENABLED=0 MLFLOW_ALLOW_FILE_STORE=true MLFLOW_TRACKING_URI=file:///tmp/mlruns
 out="${OUT:-/tmp/out}"; mkdir -p "$out"
+export PR1_RESULTS_DIR="$out"  # result JSON straight to $out: the tree is replaced at each device call
 . /tmp/bundle/install.sh /tmp/bundle /tmp/site > "$out/install.log" 2>&1 || { tail "$out/install.log"; exit 1; }
 # .whl (carried): wheels the bundle lacks. Ray Serve imports grpc_reflection: grpcio-reflection 1.84.0, the
 # version of the image's grpcio (1.84.0; a newer one refuses to import). pip download --no-deps into .whl/.
@@ -25,7 +26,6 @@ run() {  # run NAME SECONDS CMD...
     timeout "$secs" "$@" > "$out/$name.log" 2>&1; local rc=$?
     grep -E "passed|failed|Error|error|^[a-z_ ]+  |^[0-9]|ratio|wrote|mfu|GB|Traceback" "$out/$name.log" | grep -v -E "Warning|warn" | tail -n 30
     echo "=== $name rc=$rc in $(( $(date +%s) - t0 ))s"
-    cp benchmarks/results/*.json "$out/" 2>/dev/null  # now: a job left running across calls may outlive the tree
 }
 for stage in "$@"; do
     case "$stage" in
@@ -40,5 +40,4 @@ for stage in "$@"; do
         judge) run judge 560 python3 -m benchmarks.bench_judge /tmp/pr1-assets --shapes ${JUDGE_SHAPES:-judge7b judge32b_awq} --verdicts 1024 ${JUDGE_ARGS:-} ;;
     esac
 done
-cp benchmarks/results/*.json "$out/" 2>/dev/null
 exit 0
