@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from core.records import WeightManifest
-from core.weights import bucket_views, plan_buckets, tensor_nbytes
+from core.weights import BucketLayout
 
 Copies = list[tuple[torch.Tensor, torch.Tensor]]
 """(destination, source) pairs of `Tensor.copy_` calls, in order."""
@@ -75,35 +75,31 @@ class BucketReceiver:
     one bucket (sync.bucket_mb), and a bucket is loaded before the next one is received into it."""
 
     def __init__(self, manifest: WeightManifest, *, device: torch.device | str) -> None:
-        self.manifest = manifest
-        self.buckets = plan_buckets(manifest)
-        self.sizes = tensor_nbytes(manifest)
-        self.bucket_bytes = [sum(self.sizes[i] for i in bucket) for bucket in self.buckets]
-        self.slot = torch.empty(max(self.bucket_bytes, default=0), dtype=torch.uint8, device=device)
+        self.layout = BucketLayout.of(manifest)
+        self.slot = torch.empty(max(self.layout.bucket_bytes, default=0), dtype=torch.uint8, device=device)
         self.plans: list[Copies] | None = None
         """Per bucket, the copies to replay; None until recorded, or when the loads are not replayable."""
         self.recorded = False
 
     def matches(self, manifest: WeightManifest) -> bool:
         """Whether `manifest` packs like the one this receiver was built for (its version aside)."""
-        m = self.manifest
-        return (m.names, m.shapes, m.dtypes, m.bucket_bytes) == (
-            manifest.names, manifest.shapes, manifest.dtypes, manifest.bucket_bytes)
+        return self.layout.packs_like(manifest)
 
     def receive(self, model: torch.nn.Module, broadcast: Callable[[torch.Tensor], None], *, load: str) -> str:
         """`broadcast(tensor)` fills `tensor` with the sender's next bucket. `load`: `direct` (loaders, then
         replays) or `wire` (received and dropped: the wire's floor). Returns what it did: `recorded`,
         `replayed`, `loaders` (not replayable: the loaders every time) or `wire`."""
+        sizes = self.layout.bucket_bytes
         if load == "wire":
-            for nbytes in self.bucket_bytes:
+            for nbytes in sizes:
                 broadcast(self.slot[:nbytes])
             return "wire"
         if self.plans is not None:
-            for plan, nbytes in zip(self.plans, self.bucket_bytes):
+            for plan, nbytes in zip(self.plans, sizes):
                 broadcast(self.slot[:nbytes])
                 replay_copy_plan(plan)
             return "replayed"
-        plans = [self._load_bucket(model, broadcast, bucket, nbytes) for bucket, nbytes in zip(self.buckets, self.bucket_bytes)]
+        plans = [self._load_bucket(model, broadcast, k) for k in range(len(sizes))]
         if self.recorded:
             return "loaders"
         self.recorded = True
@@ -112,10 +108,10 @@ class BucketReceiver:
             return "recorded"
         return "loaders"
 
-    def _load_bucket(self, model: torch.nn.Module, broadcast, bucket: list[int], nbytes: int) -> Copies:
-        broadcast(self.slot[:nbytes])
-        views = bucket_views(self.slot, self.manifest, bucket, self.sizes)
-        named = list(zip([self.manifest.names[i] for i in bucket], views))
+    def _load_bucket(self, model: torch.nn.Module, broadcast, k: int) -> Copies:
+        layout = self.layout
+        broadcast(self.slot[:layout.bucket_bytes[k]])
+        named = list(zip([layout.manifest.names[i] for i in layout.buckets[k]], layout.views(self.slot, k)))
         if self.recorded:  # known not replayable: no spying
             model.load_weights(named)
             return []

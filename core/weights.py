@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import socket
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -85,12 +86,33 @@ def plan_buckets(manifest: WeightManifest) -> list[list[int]]:
     return buckets
 
 
-def bucket_views(slot: torch.Tensor, manifest: WeightManifest, bucket: list[int],
-                 sizes: list[int]) -> list[torch.Tensor]:
-    """Typed, shaped views of the bucket's tensors packed back to back at the start of a flat uint8 `slot`
-    (`sizes`: `tensor_nbytes(manifest)`); one dtype a bucket (`plan_buckets`), so every view is aligned."""
-    return flat_views(slot, [sizes[i] for i in bucket], [manifest.dtypes[i] for i in bucket],
-                      [manifest.shapes[i] for i in bucket])
+@dataclass(frozen=True)
+class BucketLayout:
+    """How `plan_buckets` packs a manifest into flat uint8 buckets, worked out once: each bucket's tensors
+    back to back from the start of a buffer (one dtype a bucket, so every view is aligned)."""
+
+    manifest: WeightManifest
+    buckets: list[list[int]]
+    sizes: list[int]
+    """Bytes of each manifest tensor (`tensor_nbytes`)."""
+    bucket_bytes: list[int]
+
+    @classmethod
+    def of(cls, manifest: WeightManifest) -> BucketLayout:
+        buckets, sizes = plan_buckets(manifest), tensor_nbytes(manifest)
+        return cls(manifest, buckets, sizes, [sum(sizes[i] for i in bucket) for bucket in buckets])
+
+    def packs_like(self, manifest: WeightManifest) -> bool:
+        """Whether `manifest` packs the same way (its version aside)."""
+        m = self.manifest
+        return (m.names, m.shapes, m.dtypes, m.bucket_bytes) == (
+            manifest.names, manifest.shapes, manifest.dtypes, manifest.bucket_bytes)
+
+    def views(self, slot: torch.Tensor, k: int) -> list[torch.Tensor]:
+        """Typed, shaped views of bucket `k`'s tensors in `slot` (no copy)."""
+        bucket, m = self.buckets[k], self.manifest
+        return flat_views(slot, [self.sizes[i] for i in bucket], [m.dtypes[i] for i in bucket],
+                          [m.shapes[i] for i in bucket])
 
 
 def send(group: dist.ProcessGroup, manifest: WeightManifest, tensors: Iterable[torch.Tensor], *,

@@ -64,7 +64,7 @@ class WeightBroadcaster:
         self.port = 0
         self.ipc_load, self.ipc_buffer, self.learner_gpus = ipc_load, None, []
         self.local_source: tuple | None = None  # (model, its storage, manifest, tensors): see _local_source
-        self.nccl_load, self.send_slot = nccl_load, None  # send_slot: `direct` loads' bucket buffer
+        self.nccl_load, self.send_layout, self.send_slot = nccl_load, None, None  # `direct` loads' buckets, buffer
         self.last_phases: dict[str, float] = {}
         """The IPC path's last update by phase: `cast_s` (into the buffer), `load_s` (the engines' part)."""
 
@@ -130,9 +130,7 @@ class WeightBroadcaster:
             manifest, tensors = self._local_source(model, version)  # cast as they are packed
         else:
             state = model.state_dict()
-            manifest = make_manifest(((n, _meta(t, self.dtype)) for n, t in state.items()),
-                                     version=version, bucket_bytes=self.bucket_bytes)
-            tensors = _full_tensors(state, self.dtype)
+            manifest, tensors = self._manifest(state, version), _full_tensors(state, self.dtype)
         if self.transport == "vllm":
             manifest = dataclasses.replace(manifest, load=self.nccl_load)
         if self.rank != 0 or not self.receivers:
@@ -238,12 +236,14 @@ class WeightBroadcaster:
         if cached is not None and cached[0] is model and cached[1] == where:
             return dataclasses.replace(cached[2], version=version), cached[3]
         state = model.state_dict()
-        manifest = make_manifest(((n, _meta(t, self.dtype)) for n, t in state.items()),
-                                 version=version, bucket_bytes=self.bucket_bytes)
-        tensors = [_whole(t) for t in state.values()]
+        manifest, tensors = self._manifest(state, version), [_whole(t) for t in state.values()]
         if _one_rank():
             self.local_source = (model, where, manifest, tensors)
         return manifest, tensors
+
+    def _manifest(self, state: dict[str, torch.Tensor], version: int) -> WeightManifest:
+        return make_manifest(((n, _meta(t, self.dtype)) for n, t in state.items()), version=version,
+                             bucket_bytes=self.bucket_bytes)
 
     def _hand_over(self, manifest: WeightManifest, tensors: list[torch.Tensor]) -> int:
         """Every rank fills its buffer (cast in the copy); rank 0 has the engines load from them."""
@@ -285,22 +285,20 @@ class WeightBroadcaster:
 
     def _send_direct(self, manifest: WeightManifest, tensors) -> int:
         """Each bucket packed into one persistent buffer (cast in the copy: one fused launch a bucket) and
-        broadcast from it; the engines receive into theirs and load (`core.copy_plan.BucketReceiver`)."""
+        broadcast from it; the engines receive into theirs and load (`core.copy_plan.BucketReceiver`). The
+        bucket layout is worked out once per manifest."""
         from core import vllm_compat
-        from core.weights import bucket_views, plan_buckets, tensor_nbytes
+        from core.weights import BucketLayout
 
-        sizes, buckets, it = tensor_nbytes(manifest), plan_buckets(manifest), iter(tensors)
-        need = max(sum(sizes[i] for i in bucket) for bucket in buckets)
-        if self.send_slot is None or self.send_slot.numel() < need:
-            self.send_slot = torch.empty(need, dtype=torch.uint8, device=self.device)
-        sent = 0
-        for bucket in buckets:
+        if self.send_layout is None or not self.send_layout.packs_like(manifest):
+            self.send_layout = BucketLayout.of(manifest)
+            self.send_slot = torch.empty(max(self.send_layout.bucket_bytes), dtype=torch.uint8, device=self.device)
+        layout, it = self.send_layout, iter(tensors)
+        for k, (bucket, nbytes) in enumerate(zip(layout.buckets, layout.bucket_bytes)):
             with torch.no_grad():
-                torch._foreach_copy_(bucket_views(self.send_slot, manifest, bucket, sizes), [next(it) for _ in bucket])
-            nbytes = sum(sizes[i] for i in bucket)
+                torch._foreach_copy_(layout.views(self.send_slot, k), [next(it) for _ in bucket])
             vllm_compat.trainer_broadcast(self.group, self.send_slot[:nbytes])  # same stream: after the copy
-            sent += nbytes
-        return sent
+        return sum(layout.bucket_bytes)
 
     def _wait(self, refs: list, *, what: str, timeout_s: float | None = None) -> None:
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s if timeout_s is None else timeout_s)

@@ -113,7 +113,7 @@ def test_direct_buckets_record_then_replay_and_equal_what_was_sent():
     manifest = make_manifest(values.items(), version=1, bucket_bytes=40)  # 16+16 | 16+12: two buckets
     wire, model = _Wire(), _StackedModel()
     receiver = BucketReceiver(manifest, device="cpu")
-    assert len(receiver.buckets) == 2 and receiver.slot.numel() == 32
+    assert len(receiver.layout.buckets) == 2 and receiver.slot.numel() == 32
     assert _send(wire, manifest, values) == 60
     assert receiver.receive(model, wire.receive_into, load="direct") == "recorded"
     assert model.module.qkv[:, 0].tolist() == [1, 1, 2, 2, 3, 3] and model.module.norm.tolist() == [0, 1, 2]
