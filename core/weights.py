@@ -10,20 +10,14 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from core.ports import free_port  # noqa: F401  (re-exported: the sender's group port)
 from core.records import WeightManifest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def node_ip() -> str:

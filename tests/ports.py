@@ -1,11 +1,10 @@
-"""A free loopback port, for tests that start servers (Serve's HTTP proxy, Ray's ports, process groups)
-side by side. A module of its own: `from conftest import ...` is ambiguous where sub-folders have one."""
+"""A free port for tests that start servers (Serve's HTTP proxy, Ray's ports, process groups) side by
+side: `core.ports.free_port` on the loopback. A module of its own: `from conftest import ...` is ambiguous
+where sub-folders have one."""
 
-import socket
+from core.ports import free_port as _free_port
 
 
 def free_port() -> int:
-    """A port free now on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now on 127.0.0.1, outside the ranges the kernel and Ray pick from."""
+    return _free_port("127.0.0.1")
