@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from core.ports import free_port  # noqa: F401  (re-exported: the sender's group port)
 from core.records import WeightManifest
 
 

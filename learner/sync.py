@@ -27,7 +27,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from core.records import WeightGroupSpec, WeightManifest
-from core.weights import free_port, make_manifest, node_ip, open_group, send, weight_corners
+from core.ports import free_port
+from core.weights import make_manifest, node_ip, open_group, send, weight_corners
 
 
 class SyncTimeout(RuntimeError):
@@ -81,7 +82,7 @@ class WeightBroadcaster:
         if self.transport == "ipc":
             self._connect_ipc()
             return time.perf_counter() - start
-        ranks = ray.get([r.sync_ranks.remote() for r in self.receivers])
+        ranks = self._get([r.sync_ranks.remote() for r in self.receivers], what="report their weight-group ranks")
         offsets = [1 + sum(ranks[:i]) for i in range(len(ranks))]
         host, port, world = node_ip(), free_port(), 1 + sum(ranks)
         self.port = port
@@ -167,7 +168,7 @@ class WeightBroadcaster:
             raise error
         raise ReceiverLost(f"generation actor(s) {lost} died during the weight sync of version {version} "
                            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); the others "
-                           "keep their weights, the next sync re-forms the group") from error
+                           "keep their weights until the group is re-formed with the restarted actor") from error
 
     def _lost_receivers(self) -> list[int]:
         """Receivers that died or came back restarted (out of the group), by index."""
@@ -191,14 +192,17 @@ class WeightBroadcaster:
                 asked = asked or self._ask_ports()
                 ports = ray.get(asked, timeout=self.timeout_s)
                 break
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                    ray.exceptions.GetTimeoutError) as e:
                 if time.perf_counter() > deadline:
                     raise SyncTimeout(f"a generation actor did not come back within sync.timeout_s="
                                       f"{self.timeout_s:g}s ({type(e).__name__}); its restarts may be exhausted "
                                       "(rollout.max_restarts)") from e
                 asked = None
                 time.sleep(1.0)
-        if any(p != self.port for p in ports):
+        if self.port == 0:  # the last send failed: the group was dropped
+            self.connect()
+        elif any(p != self.port for p in ports):
             print(f"learner: generation actor(s) {[i for i, p in enumerate(ports) if p != self.port]} restarted; "
                   "re-forming the weight group", flush=True)
             self.connect()

@@ -109,14 +109,30 @@ def _share_gpu(cfg: Config, sync: WeightBroadcaster, device: torch.device) -> fl
 
 
 def _sync(sync: WeightBroadcaster, learner: Learner, *, version: int) -> tuple[float | None, int]:
-    """Broadcast the weights as `version`: (seconds, bytes), or (None, 0) when a generation actor died during
-    it (Ray restarts the actor; the others keep their weights and the next sync re-forms the group): a dead
-    actor costs one sync, not the learner's restart from its last checkpoint."""
-    try:
-        return sync.broadcast(learner.model, version=version, after=learner.optimizer_done)
-    except ReceiverLost as e:
-        print(f"learner: {e}", flush=True)
-        return None, 0
+    """Broadcast the weights as `version`: (seconds, bytes), or (None, 0) when generation actors died during it
+    twice. A first death is retried at once: the retry waits for Ray to restart the actor (up to
+    sync.timeout_s) and re-forms the group with it. Skipping instead would leave every actor a version behind,
+    and at `buffer.max_staleness` 0 no group could then be started for the next step (the run would wait on
+    itself). Every rank calls it; rank 0 alone sees the failure and tells the others (one flag, all-reduced)."""
+    start = time.perf_counter()
+    for attempt in (1, 2):
+        try:
+            seconds, nbytes = sync.broadcast(learner.model, version=version, after=learner.optimizer_done)
+        except ReceiverLost as e:
+            print(f"learner: {e}{'; retrying now' if attempt == 1 else '; this sync is skipped'}", flush=True)
+            seconds, nbytes = None, 0
+        if not _any_rank(seconds is None, learner.device):
+            return time.perf_counter() - start, nbytes
+    return None, 0
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is set on any rank (this rank's alone outside a multi-rank group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _load_metrics(learner: Learner, *, rank: int) -> dict[str, float]:

@@ -93,6 +93,8 @@ def test_killed_generation_actor_is_restarted_and_the_run_goes_on(ray_local, tmp
     os.kill(pid, signal.SIGKILL)  # a crash, not a polite stop: Ray restarts it (max_restarts)
     assert restarted_pid(ray_local, victim, timeout=180) != pid  # a new process serves generator-1
     thread.join(timeout=400)
+    assert not thread.is_alive(), f"no end 400 s after the restart; {len(ledger(run_dir))} steps in the ledger"
+    assert "result" in out, f"the run failed: {out.get('error')!r}"
     result = out["result"]
     assert result.final_version == 10 and not result.stopped_early
     seqs = [s for line in ledger(run_dir) for s in line["seqs"]]

@@ -11,7 +11,8 @@ import torch
 from actors.hf_engine import HFEngine
 from core.config import DataConfig, SyntheticDataConfig
 from core.records import Sampling, WeightGroupSpec
-from core.weights import digest, free_port, make_manifest, open_group, send
+from core.ports import free_port
+from core.weights import digest, make_manifest, open_group, send
 from dataprep.synthetic import make_problems
 
 

@@ -1,0 +1,81 @@
+"""A generation actor dying during a weight sync costs a retry, not a skipped version: at max_staleness 0 a
+skipped sync would leave no group startable for the next step (the run would wait on itself)."""
+
+from dataclasses import dataclass, field
+
+import torch
+from ports import free_port
+
+from learner.sync import ReceiverLost
+from learner.worker import _sync
+
+
+@dataclass
+class FakeLearner:
+    model: torch.nn.Module = field(default_factory=lambda: torch.nn.Linear(2, 2))
+    optimizer_done: None = None
+    device: torch.device = torch.device("cpu")
+
+
+class FlakySync:
+    """Raises ReceiverLost for the first `failures` broadcasts."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.calls = failures, []
+
+    def broadcast(self, model, *, version, after=None):
+        self.calls.append(version)
+        if len(self.calls) <= self.failures:
+            raise ReceiverLost(f"generation actor(s) [1] died during the weight sync of version {version}")
+        return 0.01, 123
+
+
+def test_a_receiver_lost_once_is_retried_at_once_and_the_sync_lands(capsys):
+    sync = FlakySync(failures=1)
+    seconds, nbytes = _sync(sync, FakeLearner(), version=4)
+    assert sync.calls == [4, 4] and nbytes == 123 and seconds is not None
+    assert "retrying now" in capsys.readouterr().out
+
+
+def test_a_receiver_lost_twice_skips_the_sync(capsys):
+    sync = FlakySync(failures=5)
+    assert _sync(sync, FakeLearner(), version=4) == (None, 0)
+    assert sync.calls == [4, 4]
+    assert "this sync is skipped" in capsys.readouterr().out
+
+
+def test_a_sync_that_lands_is_sent_once():
+    sync = FlakySync(failures=0)
+    seconds, nbytes = _sync(sync, FakeLearner(), version=2)
+    assert sync.calls == [2] and nbytes == 123 and 0 <= seconds < 5
+
+
+def _rank(rank: int, port: int, out) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        sync = FlakySync(failures=1 if rank == 0 else 0)  # rank 0 alone sees the receiver die
+        seconds, _ = _sync(sync, FakeLearner(), version=3)
+        out.put((rank, sync.calls, seconds is not None))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_retries_when_rank_0_lost_a_receiver():
+    """The other ranks take part in the retry's gathers: they learn of rank 0's failure."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((rank, (calls, landed)) for rank, calls, landed in (out.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    assert results == {0: ([3, 3], True), 1: ([3, 3], True)}
