@@ -108,18 +108,24 @@ def _share_gpu(cfg: Config, sync: WeightBroadcaster, device: torch.device) -> fl
     return connect_s
 
 
+SYNC_ATTEMPTS = 3
+"""Tries of one weight sync when generation actors die during it (each death costs one, bounded by restarts)."""
+
+
 def _sync(sync: WeightBroadcaster, learner: Learner, *, version: int) -> tuple[float | None, int]:
-    """Broadcast the weights as `version`: (seconds, bytes), or (None, 0) when generation actors died during it
-    twice. A first death is retried at once: the retry waits for Ray to restart the actor (up to
+    """Broadcast the weights as `version`: (seconds, bytes), or (None, 0) when generation actors died during
+    each of SYNC_ATTEMPTS tries. A death is retried at once: the retry waits for Ray to restart the actor (up to
     sync.timeout_s) and re-forms the group with it. Skipping instead would leave every actor a version behind,
     and at `buffer.max_staleness` 0 no group could then be started for the next step (the run would wait on
-    itself). Every rank calls it; rank 0 alone sees the failure and tells the others (one flag, all-reduced)."""
+    itself until run.stall_timeout_s). Every rank calls it; rank 0 alone sees the failure and tells the others
+    (one flag, all-reduced)."""
     start = time.perf_counter()
-    for attempt in (1, 2):
+    for attempt in range(1, SYNC_ATTEMPTS + 1):
         try:
             seconds, nbytes = sync.broadcast(learner.model, version=version, after=learner.optimizer_done)
         except ReceiverLost as e:
-            print(f"learner: {e}{'; retrying now' if attempt == 1 else '; this sync is skipped'}", flush=True)
+            last = attempt == SYNC_ATTEMPTS
+            print(f"learner: {e}; {'this sync is skipped' if last else 'retrying now'}", flush=True)
             seconds, nbytes = None, 0
         if not _any_rank(seconds is None, learner.device):
             return time.perf_counter() - start, nbytes

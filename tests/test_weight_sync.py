@@ -61,7 +61,7 @@ def test_broadcast_makes_actor_weights_equal_learner(ray_cluster, tiny_model_dir
                          outcome="the broadcast fails fast (the survivors' receive fails at once, they keep their "
                          "weights) and the learner goes on (no restart from its checkpoint): it retries the sync at "
                          "once, waiting for Ray to restart the actor, and the retry brings every actor to that "
-                         "version; a second death in the same sync skips it")
+                         "version (deaths at three tries in a row skip it)")
 @pytest.mark.parametrize(("victim", "when"), [(1, "before"), (0, "mid")])  # "after" and (1, "mid") pass too (25 s each)
 def test_an_actor_dying_during_a_sync_skips_that_sync_and_the_next_reforms_the_group(ray_cluster, tiny_model_dir,
                                                                                     tmp_path, victim, when):
