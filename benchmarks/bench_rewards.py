@@ -146,7 +146,8 @@ def bench_app(*, repeats: int, n: int) -> tuple[dict[str, float], dict]:
     from judge.verifier import VerifierPool
 
     server, url = _instant_judge()
-    cfg = JudgeConfig(llm=ExternalJudgeConfig(base_url=url, model="instant"), http_port=free_port("127.0.0.1"), timeout_s=10.0)
+    cfg = JudgeConfig(llm=ExternalJudgeConfig(base_url=url, model="instant"), http_port=free_port("127.0.0.1"),
+                      timeout_s=10.0)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     svc = start_judge(cfg)
@@ -204,7 +205,8 @@ def bench_vllm(args: argparse.Namespace) -> tuple[dict[str, float], dict]:
 
     llm = VLLMJudgeConfig(model_path=str(Path(args.vllm_model).resolve()), load_format=args.load_format,
                     gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)
-    cfg = JudgeConfig(llm=llm, http_port=free_port("127.0.0.1"), timeout_s=600.0, max_concurrency=args.concurrency, cache_size=0)
+    cfg = JudgeConfig(llm=llm, http_port=free_port("127.0.0.1"), timeout_s=600.0, max_concurrency=args.concurrency,
+                      cache_size=0)
     ray.init(include_dashboard=False, log_to_driver=True)
     started = time.perf_counter()
     svc = start_judge(cfg)

@@ -107,14 +107,16 @@ def test_an_actor_dying_during_a_sync_skips_that_sync_and_the_next_reforms_the_g
         hf.receive = receive_or_die
         return engine
 
-    actors = [remote_class().options(max_restarts=1).remote(actor_id=i, build_engine=dies_in_its_first_receive if i == victim else plain,
-                                                            sampling=sampling) for i in range(2)]
+    builds = [dies_in_its_first_receive if i == victim else plain for i in range(2)]
+    actors = [remote_class().options(max_restarts=1).remote(actor_id=i, build_engine=build, sampling=sampling)
+              for i, build in enumerate(builds)]
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
     sender = WeightBroadcaster(receivers=actors, rank=0, backend="gloo", timeout_s=60, bucket_bytes=1 << 16,
                                dtype=torch.float32, device=torch.device("cpu"))
     sender.connect()
     start = time.perf_counter()
-    with pytest.raises(ReceiverLost, match=rf"generation actor\(s\) \[{victim}\] died during the weight sync of version 1"):
+    lost = rf"generation actor\(s\) \[{victim}\] died during the weight sync of version 1"
+    with pytest.raises(ReceiverLost, match=lost):
         sender.broadcast(model, version=1)
     with torch.no_grad():
         for p in model.parameters():
