@@ -4,7 +4,7 @@ skipped sync would leave no group startable for the next step (the run would wai
 from dataclasses import dataclass, field
 
 import torch
-from ports import free_port
+from gloo_ranks import run_gloo_ranks
 
 from learner.sync import ReceiverLost
 from learner.worker import SYNC_ATTEMPTS, _sync
@@ -50,32 +50,12 @@ def test_a_sync_that_lands_is_sent_once():
     assert sync.calls == [2] and nbytes == 123 and 0 <= seconds < 5
 
 
-def _rank(rank: int, port: int, out) -> None:
-    import os
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        sync = FlakySync(failures=1 if rank == 0 else 0)  # rank 0 alone sees the receiver die
-        seconds, _ = _sync(sync, FakeLearner(), version=3)
-        out.put((rank, sync.calls, seconds is not None))
-    finally:
-        dist.destroy_process_group()
+def _retrying_rank(rank: int) -> tuple[list[int], bool]:
+    sync = FlakySync(failures=1 if rank == 0 else 0)  # rank 0 alone sees the receiver die
+    seconds, _ = _sync(sync, FakeLearner(), version=3)
+    return sync.calls, seconds is not None
 
 
 def test_every_rank_retries_when_rank_0_lost_a_receiver():
     """The other ranks take part in the retry's gathers: they learn of rank 0's failure."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict((rank, (calls, landed)) for rank, calls, landed in (out.get(timeout=120) for _ in procs))
-    for p in procs:
-        p.join(timeout=60)
-    assert results == {0: ([3, 3], True), 1: ([3, 3], True)}
+    assert run_gloo_ranks(_retrying_rank, 2) == {0: ([3, 3], True), 1: ([3, 3], True)}
