@@ -47,8 +47,12 @@ class AbortableTrainer(TorchTrainer):
             if self._aborted:
                 raise LearnerAborted("the learner was aborted before it started")
             self._controller = controller_cls.remote(**controller_init_kwargs)
-        ray.get(self._controller.run.remote())
-        return ray.get(self._controller.get_result.remote())
+        try:
+            ray.get(self._controller.run.remote())
+            return ray.get(self._controller.get_result.remote())
+        finally:  # the handle is the controller's owner reference: dropped, Ray ends the actor and the DatasetManager
+            with self._lock:  # it owns (upstream keeps it in a local variable); kept, both would live as long as
+                self._controller = None  # this trainer, e.g. in an error's traceback (20 s + a restart per test)
 
     def abort(self) -> None:
         """Ask the controller to abort the run (its workers end with it), without waiting; a `fit()` not yet

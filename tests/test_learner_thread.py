@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     import ray
     from ray.train import ScalingConfig
     from perception_r1.learner_thread import AbortableTrainer, LearnerAborted, LearnerThread
@@ -19,8 +19,20 @@ SCRIPT = textwrap.dedent("""
     def loop(config):
         time.sleep(600)
 
-    def trainer():
-        return AbortableTrainer(loop, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}))
+    def fails(config):
+        time.sleep(2)
+        raise RuntimeError("the learner's loop failed")
+
+    def trainer(fn=loop):
+        return AbortableTrainer(fn, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}))
+
+    def controller_pid(thread):  # asked through the trainer's handle: no other handle is kept
+        while thread.alive():
+            with thread.trainer._lock:
+                handle = thread.trainer._controller
+            if handle is not None:
+                return ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
+            time.sleep(0.1)
 
     ray.init(num_cpus=2, include_dashboard=False)
     early = trainer()
@@ -33,6 +45,15 @@ SCRIPT = textwrap.dedent("""
     start = time.monotonic()
     ended = running.end(timeout_s=60) if sys.argv[2] == "end" else False
     print("ended:", ended, "in %.0fs" % (time.monotonic() - start), flush=True)
+    if sys.argv[2] == "end":  # a fit() that ended by itself, its trainer kept (as an error's traceback keeps it)
+        failed = LearnerThread(trainer(fails))
+        pid = controller_pid(failed)
+        failed.thread.join(timeout=120)
+        deadline = time.monotonic() + 20
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        print("failed:", type(failed.error()).__name__, "controller gone:", not os.path.exists(f"/proc/{pid}"),
+              flush=True)
     ray.shutdown()
     print("driver survived the shutdown", flush=True)
 """)
@@ -51,3 +72,5 @@ def test_an_aborted_learner_ends_before_ray_shuts_down():
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert "early: LearnerAborted" in done.stdout
     assert "ended: True" in done.stdout and "driver survived the shutdown" in done.stdout
+    # a fit() that failed by itself leaves no controller behind while its trainer is still referenced
+    assert "controller gone: True" in done.stdout and "failed: None" not in done.stdout, done.stdout
