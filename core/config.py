@@ -63,7 +63,9 @@ class ClusterConfig(Section):
     dashboard_host: str = "127.0.0.1"
     """Where a local cluster's dashboard listens; loopback unless you mean to expose it."""
     include_dashboard: bool = True
-    """Start the Ray dashboard with a local cluster (metrics at `/metrics`)."""
+    """Start the Ray dashboard with a local cluster (metrics at `/metrics`). It also serves Ray's state API:
+    without it Ray Train's PlacementGroupCleaner (Ray 2.60) cannot watch the learner's controller and logs
+    "Failed to query Ray Train Controller actor state" once a second for the whole run."""
     gpu_memory_gib: float | None = Field(None, gt=0)
     """Memory of one GPU, for the learner's memory estimate (perception_r1/memory_estimate.py). None: what
     nvidia-smi reports when a GPU is visible here, else 80 (an A100/H100 80 GB)."""
