@@ -47,12 +47,15 @@ class AbortableTrainer(TorchTrainer):
             if self._aborted:
                 raise LearnerAborted("the learner was aborted before it started")
             self._controller = controller_cls.remote(**controller_init_kwargs)
+        # The handle keeps the controller alive (upstream holds it in a local variable). Dropped when fit() returns,
+        # Ray ends the controller and the DatasetManager it owns; kept, both would live as long as this trainer,
+        # e.g. in a failed run's traceback.
         try:
             ray.get(self._controller.run.remote())
             return ray.get(self._controller.get_result.remote())
-        finally:  # the handle is the controller's owner reference: dropped, Ray ends the actor and the DatasetManager
-            with self._lock:  # it owns (upstream keeps it in a local variable); kept, both would live as long as
-                self._controller = None  # this trainer, e.g. in an error's traceback (20 s + a restart per test)
+        finally:
+            with self._lock:
+                self._controller = None
 
     def abort(self) -> None:
         """Ask the controller to abort the run (its workers end with it), without waiting; a `fit()` not yet
