@@ -24,7 +24,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import msgpack
 import ray
@@ -47,27 +46,9 @@ from learner.checkpoint_writer import CheckpointWriter, Written
 from learner.sharded_state import UNREPORTED_FILE, load_learner, newest_complete
 from learner.sync import ReceiverLost, WeightBroadcaster
 from learner.trainer import Learner
+from learner.wiring import LearnerWiring
 
 _LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
-
-
-@dataclass
-class LearnerWiring:
-    """Handles and paths the driver passes to every worker (through `train_loop_config`)."""
-
-    config: dict
-    model_path: str
-    buffer: Any
-    """The replay buffer's actor handle (rank 0 reaches it through `RayBatchSource`)."""
-    actors: list
-    """The generation actors' handles: the `core.seams.WeightReceiver`s of the weight broadcast."""
-    reports: ReportSink
-    """A `ray.util.queue.Queue` the driver reads LearnerReports from."""
-    checkpoint_root: str
-    resume_from: str | None = None
-    weight_transport: str = "torch"
-    """`vllm` when the generation actors run vLLM engines (their NCCL weight-transfer group), `ipc` when those
-    share the learner's GPU (CUDA IPC), else `torch`."""
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

@@ -31,7 +31,8 @@ from dataprep.synthetic import make_problems
 from judge.prompt_file import load_system_prompt
 from judge.service import SERVE_ENV, start_judge
 from learner.sft import SFTInterrupted, run_sft
-from learner.worker import LearnerWiring, train_loop_per_worker
+from learner.wiring import LearnerWiring
+from learner.worker import train_loop_per_worker
 from perception_r1 import preflight, run_checkpoints
 from perception_r1.adapters import RayBuffer, RayGenerator, RayReports
 from perception_r1.learner_thread import AbortableTrainer, LearnerThread
