@@ -2,7 +2,7 @@
 
 Kept apart from `learner/worker.py` on purpose: Ray Train's controller unpickles `train_loop_config` too, and
 this module imports nothing heavy, so the controller's process does not import torch's models and transformers
-for it (measured on 2 cores: ~9 s of CPU per run, most of the controller's start-up)."""
+for it (measured on 2 cores: the controller's CPU per run went from ~13 s to ~6-7 s)."""
 
 from __future__ import annotations
 
