@@ -25,7 +25,6 @@ import os
 import random
 import re
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -111,28 +110,6 @@ def judge_gpus(cfg) -> int:
     return llm.num_replicas * llm.tensor_parallel_size if isinstance(llm, VLLMJudgeConfig) else 0
 
 
-def start_with_deadline(cfg, *, deadline_s: float):
-    """`start_judge(cfg)` (which waits for the engine without a deadline of its own) bounded by `deadline_s`."""
-    from judge.service import start_judge
-
-    box: dict = {}
-
-    def target() -> None:
-        try:
-            box["service"] = start_judge(cfg)
-        except BaseException as e:  # noqa: BLE001 -- handed to the caller below
-            box["error"] = e
-
-    thread = threading.Thread(target=target, name="start-judge", daemon=True)
-    thread.start()
-    thread.join(deadline_s)
-    if thread.is_alive():
-        raise TimeoutError(f"the judge did not start within {deadline_s:.0f}s")
-    if "error" in box:
-        raise box["error"]
-    return box["service"]
-
-
 def client_for(service, cfg):
     """The judge client as the reward replicas build it (judge/app.py RewardServer), at the judge-llm app."""
     from core.config import VLLMJudgeConfig
@@ -189,7 +166,9 @@ def bench_shape(args: argparse.Namespace, shape: str, *, verdicts_per_step: int)
         cfg = judge_config(args, shape)
         row["judge_gpus"] = judge_gpus(cfg)
         started = time.perf_counter()
-        service = start_with_deadline(cfg, deadline_s=args.start_deadline_s)
+        from judge.service import start_judge
+
+        service = start_judge(cfg, deadline_s=args.start_deadline_s)
         row["engine_start_s"] = time.perf_counter() - started
         row |= asyncio.run(drive(client_for(service, cfg), warmup=args.warmup, verdicts=args.verdicts,
                                  deadline_s=args.batch_deadline_s))

@@ -10,6 +10,8 @@ applications the config asks for and returns a `JudgeService`, the driver's `cor
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 from core.config import (
     ExternalJudgeConfig,
@@ -24,6 +26,10 @@ from judge.prompt_file import load_system_prompt
 log = logging.getLogger(__name__)
 
 REWARD_APP, JUDGE_LLM_APP = "reward", "judge-llm"
+WAIT_POLL_S = 0.25
+"""How often Serve's status is read while waiting for applications to come up or go."""
+STOP_WAIT_S = 60.0
+"""How long `JudgeService.stop` waits for its applications to be deleted."""
 
 
 class JudgeService:
@@ -45,8 +51,13 @@ class JudgeService:
         import ray
         from ray import serve
 
-        for app in self.apps:
-            serve.delete(app)
+        for app in self.apps:  # all at once (one being deployed takes seconds to delete), waited for below
+            serve.delete(app, _blocking=False)
+        deadline = time.monotonic() + STOP_WAIT_S
+        while (left := set(self.apps) & set(serve.status().applications)) and time.monotonic() < deadline:
+            time.sleep(WAIT_POLL_S)
+        if left:
+            log.warning("the judge's Serve applications %s were not deleted within %gs", sorted(left), STOP_WAIT_S)
         ray.kill(self.board)
         if self.started_serve and not serve.status().applications:
             serve.shutdown()
@@ -59,43 +70,112 @@ machine a proxy's process can take longer to import; `serve.start` then fails wi
 ActorDiedError (seen in CI under `ray job submit`)."""
 
 
-def start_judge(cfg: JudgeConfig) -> JudgeService:
-    """Deploy the judge's Serve applications (after `ray.init`) and wait until they answer."""
+class JudgeStartCancelled(Exception):
+    """A stop request came while the judge was starting; what had been deployed is deleted."""
+
+
+class JudgeStartFailed(RuntimeError):
+    """The judge's applications failed to deploy or did not come up in time; the message names which and why."""
+
+
+QUIET = {"log_level": "WARNING", "enable_access_log": False}
+"""Per-request access lines would flood the job log (thousands a step); they stay in Serve's log files
+(serve.start's logging config covers only the proxy and controller, so each app gets it too)."""
+
+
+def start_judge(cfg: JudgeConfig, *, cancel: threading.Event | None = None,
+                deadline_s: float | None = None) -> JudgeService:
+    """Deploy the judge's Serve applications (after `ray.init`), all at once, and wait until they answer.
+    The wait ends early when `cancel` is set (`JudgeStartCancelled`) and at `deadline_s`
+    (`JudgeStartFailed`, as is a failed deployment); either way what was deployed is deleted."""
     import ray
     from ray import serve
 
-    from judge.app import LexicalJudgeServer, RewardServer, StatsBoard, VLLMJudgeServer
+    from judge.app import RewardServer, StatsBoard
 
-    # per-request access lines would flood the job log (thousands a step); they stay in Serve's log files
-    quiet = {"log_level": "WARNING", "enable_access_log": False}  # serve.start's covers only the proxy and controller
+    until = None if deadline_s is None else time.monotonic() + deadline_s
+    _check_cancel(cancel)
     started_serve = not serve_running()
     if started_serve:
-        serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port}, logging_config=quiet)
+        serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port}, logging_config=QUIET)
     base = _proxy_base(cfg)
-    llm, apps = cfg.llm, [REWARD_APP]
-    if isinstance(llm, LexicalJudgeConfig):
-        serve.run(LexicalJudgeServer.bind(), name=JUDGE_LLM_APP, route_prefix=f"/{JUDGE_LLM_APP}",
-                  logging_config=quiet)
-        endpoint, apps = JudgeEndpoint(f"{base}/{JUDGE_LLM_APP}/v1", "lexical-judge"), [JUDGE_LLM_APP, REWARD_APP]
-    elif isinstance(llm, VLLMJudgeConfig):
-        server = VLLMJudgeServer.options(num_replicas=llm.num_replicas,
-                                         ray_actor_options={"num_cpus": 0, "num_gpus": llm.num_gpus_per_replica})
-        serve.run(server.bind(llm), name=JUDGE_LLM_APP, route_prefix=f"/{JUDGE_LLM_APP}",
-                  logging_config=quiet)
-        endpoint, apps = JudgeEndpoint(f"{base}/{JUDGE_LLM_APP}/v1", llm.model_path), [JUDGE_LLM_APP, REWARD_APP]
-    else:
-        assert isinstance(llm, ExternalJudgeConfig), type(llm)
-        endpoint = JudgeEndpoint(llm.base_url, llm.model, api_key_env=llm.api_key_env)
+    endpoint, targets = _judge_llm(cfg, base)
     board = StatsBoard.remote()
     reward = RewardServer.options(num_replicas=cfg.num_reward_replicas).bind(
         cfg, endpoint, board=board, num_verify_workers=cfg.num_verify_workers,
         verify_timeout_s=cfg.verify_timeout_s, system_prompt=load_system_prompt(cfg.prompt_file))
-    handle = serve.run(reward, name=REWARD_APP, route_prefix=f"/{REWARD_APP}", logging_config=quiet)
-    ray.get(board.all.remote())  # the board is up before the first report
-    handle.warm_up.remote().result()
-    log.info("judge up: score at %s/%s/score, judge LLM at %s (%s)", base, REWARD_APP, endpoint.base_url, endpoint.model)
-    return JudgeService(handle=handle, board=board, url=f"{base}/{REWARD_APP}/score", apps=tuple(apps),
-                        started_serve=started_serve)
+    targets.append(serve.RunTarget(reward, name=REWARD_APP, route_prefix=f"/{REWARD_APP}", logging_config=QUIET))
+    service = JudgeService(handle=None, board=board, url=f"{base}/{REWARD_APP}/score",
+                           apps=tuple(t.name for t in targets), started_serve=started_serve)
+    try:
+        service.handle = serve.run_many(targets, wait_for_applications_running=False)[-1]
+        _wait_running(service.apps, cancel=cancel, until=until, deadline_s=deadline_s)
+        ray.get(board.all.remote(), timeout=_left(until))  # the board is up before the first report
+        service.handle.warm_up.remote().result(timeout_s=_left(until))
+    except BaseException:
+        service.stop()
+        raise
+    log.info("judge up: score at %s, judge LLM at %s (%s)", service.url, endpoint.base_url, endpoint.model)
+    return service
+
+
+def _judge_llm(cfg: JudgeConfig, base: str) -> tuple[JudgeEndpoint, list]:
+    """The endpoint the rewards call, and the judge-llm application to deploy for it (none for an external one)."""
+    from ray import serve
+
+    from judge.app import LexicalJudgeServer, VLLMJudgeServer
+
+    llm = cfg.llm
+    if isinstance(llm, ExternalJudgeConfig):
+        return JudgeEndpoint(llm.base_url, llm.model, api_key_env=llm.api_key_env), []
+    if isinstance(llm, LexicalJudgeConfig):
+        app, model = LexicalJudgeServer.bind(), "lexical-judge"
+    else:
+        assert isinstance(llm, VLLMJudgeConfig), type(llm)
+        server = VLLMJudgeServer.options(num_replicas=llm.num_replicas,
+                                         ray_actor_options={"num_cpus": 0, "num_gpus": llm.num_gpus_per_replica})
+        app, model = server.bind(llm), llm.model_path
+    target = serve.RunTarget(app, name=JUDGE_LLM_APP, route_prefix=f"/{JUDGE_LLM_APP}", logging_config=QUIET)
+    return JudgeEndpoint(f"{base}/{JUDGE_LLM_APP}/v1", model), [target]
+
+
+def _wait_running(apps: tuple[str, ...], *, cancel: threading.Event | None, until: float | None,
+                  deadline_s: float | None) -> None:
+    """Poll Serve until every app runs; a failed app, the deadline or `cancel` ends the wait."""
+    from ray import serve
+
+    while waiting := _not_running(apps, serve.status().applications):
+        if until is not None and time.monotonic() > until:
+            raise JudgeStartFailed(f"the judge did not come up within {deadline_s:g}s: {'; '.join(waiting)}")
+        if cancel is None:
+            time.sleep(WAIT_POLL_S)
+        elif cancel.wait(WAIT_POLL_S):
+            _check_cancel(cancel)
+
+
+def _not_running(apps: tuple[str, ...], status: dict) -> list[str]:
+    """'app STATUS: Serve's message' for each app not running yet; `JudgeStartFailed` for one that failed."""
+    from ray.serve.schema import ApplicationStatus
+
+    waiting = []
+    for app in apps:
+        app_status = status.get(app)
+        state = app_status.status if app_status else ApplicationStatus.NOT_STARTED
+        if state == ApplicationStatus.DEPLOY_FAILED:  # as serve.run's own wait
+            raise JudgeStartFailed(f"the judge's Serve application {app!r} failed to deploy: {app_status.message}")
+        if state != ApplicationStatus.RUNNING:
+            message = app_status.message if app_status else ""
+            waiting.append(f"{app} {state.value}" + (f": {message}" if message else ""))
+    return waiting
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise JudgeStartCancelled("a stop request came while the judge was starting")
+
+
+def _left(until: float | None) -> float | None:
+    return None if until is None else max(1.0, until - time.monotonic())
 
 
 def serve_running() -> bool:

@@ -29,7 +29,7 @@ from core.records import Sampling
 from dataprep.loaders import load_prompts as load_file
 from dataprep.synthetic import make_problems
 from judge.prompt_file import load_system_prompt
-from judge.service import SERVE_ENV, start_judge
+from judge.service import SERVE_ENV, JudgeStartCancelled, JudgeStartFailed, start_judge
 from learner.sft import SFTInterrupted, run_sft
 from learner.wiring import LearnerWiring
 from learner.worker import train_loop_per_worker
@@ -317,8 +317,7 @@ def _run(cfg: Config, *, model_path: str, prompts: list, held_out: list, run_dir
     try:
         learner = LearnerThread(build_trainer(cfg, wiring, run_dir))
         log.info("start-up: actors, learner and judge starting")
-        judge = start_judge(cfg.judge)
-        stop.install()  # in case Serve installed its own handlers
+        judge = _start_judge(cfg, stop)
         session = Session(cfg, stream=stream, generators=[RayGenerator(a) for a in actors], scorer=judge,
                           buffer=RayBuffer(buffer), reports=RayReports(reports), sinks=sinks,
                           start_version=state.version if state else 0, buffered=state.buffered if state else [],
@@ -328,7 +327,7 @@ def _run(cfg: Config, *, model_path: str, prompts: list, held_out: list, run_dir
         _run_until_done(session, learner)
     finally:
         if learner is not None and (session is None or not session.learner_starts):
-            learner.abort()  # not up yet: start ending it now, while the judge stops (waited for below)
+            learner.cancel()  # not up yet, nothing to save: end it now (waited for below)
         for sink in sinks.sinks:
             if sink is not mlflow_sink:  # closed by train(), with the run's status
                 sink.close(status="")
@@ -346,6 +345,19 @@ def _run(cfg: Config, *, model_path: str, prompts: list, held_out: list, run_dir
     return RunResult(run_dir=run_dir, final_version=session.version, steps_logged=session.steps_logged,
                      mlflow_run_id=mlflow_sink.run_id, counters=dict(session.counters()), stopped_early=stopped,
                      history=session.history, validations=session.validations)
+
+
+def _start_judge(cfg: Config, stop: StopSignals):
+    """The judge, deployed while the learner comes up; a stop request ends the wait at once."""
+    try:
+        judge = start_judge(cfg.judge, cancel=stop.requested, deadline_s=cfg.run.startup_timeout_s)
+    except JudgeStartCancelled:
+        stop.check("start-up")
+        raise
+    except JudgeStartFailed as e:
+        raise RunFailed(f"{e} (the deadline is run.startup_timeout_s)") from None
+    stop.install()  # in case Serve installed its own handlers
+    return judge
 
 
 def _run_until_done(session: Session, learner: LearnerThread) -> None:

@@ -3,8 +3,9 @@
 `ray.shutdown()` while another thread waits inside `fit()` ends the driver process (measured with Ray 2.60
 on this machine: "The core worker has already been shutdown ... The process will exit", exit 1; once in CI,
 SIGSEGV). So a run that stops before its learner has finished (a Ctrl-C during start-up, a fatal error)
-aborts Ray Train's controller, as Ray's own Ctrl-C handler does when `fit()` runs on the main thread, and
-waits for the thread before shutting Ray down.
+aborts Ray Train's controller, as Ray's own Ctrl-C handler does when `fit()` runs on the main thread (or,
+while the learner is still starting and has nothing to save, kills it), and waits for the thread before
+shutting Ray down.
 """
 
 from __future__ import annotations
@@ -69,8 +70,11 @@ class AbortableTrainer(TorchTrainer):
             controller.abort.remote()  # abort() ends the controller's process: fit() then raises
 
     def kill(self) -> None:
-        """End the controller's process (for a controller that did not honour `abort`)."""
+        """End the controller's process at once (one that did not honour `abort`, or one with nothing to save:
+        its workers end with it, as actors do with their owner); a `fit()` not yet at its controller never
+        starts one."""
         with self._lock:
+            self._aborted = True
             controller = self._controller
         if controller is not None:
             ray.kill(controller, no_restart=True)
@@ -106,6 +110,13 @@ class LearnerThread:
         """Start ending a learner still running (see `end`); returns at once."""
         if self.alive():
             self.trainer.abort()
+
+    def cancel(self) -> None:
+        """End a learner with nothing to save yet (still starting) now: its controller is killed, not asked to
+        abort, which it would honour only once its own start-up is done (~10 s measured on 2 busy cores).
+        Returns at once; `end` waits for the thread."""
+        if self.alive():
+            self.trainer.kill()
 
     def end(self, timeout_s: float) -> bool:
         """Abort a learner still running and wait for its thread (at most `timeout_s`, then its controller is

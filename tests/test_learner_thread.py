@@ -18,14 +18,23 @@ SCRIPT = textwrap.dedent("""
     from perception_r1.learner_thread import AbortableTrainer, LearnerAborted, LearnerThread
 
     def loop(config):
+        if config.get("pidfile"):
+            open(config["pidfile"], "w").write(str(os.getpid()))
         time.sleep(600)
 
     def fails(config):
         time.sleep(2)
         raise RuntimeError("the learner's loop failed")
 
-    def trainer(fn=loop):
-        return AbortableTrainer(fn, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}))
+    def trainer(fn=loop, config=None):
+        return AbortableTrainer(fn, train_loop_config=config or {},
+                                scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}))
+
+    def gone(pid, wait_s=20):
+        deadline = time.monotonic() + wait_s
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return pid is not None and not os.path.exists(f"/proc/{pid}")  # no pid read: not proven gone
 
     def controller_pid(thread):  # asked through the trainer's handle: no other handle is kept
         while thread.alive():
@@ -41,27 +50,34 @@ SCRIPT = textwrap.dedent("""
     thread = LearnerThread(early)
     thread.thread.join(timeout=60)
     print("early:", type(thread.error()).__name__, flush=True)
-    running = LearnerThread(trainer())
-    time.sleep(float(sys.argv[1]))  # the controller up, its worker starting or sleeping
-    start = time.monotonic()
-    ended = running.end(timeout_s=60) if sys.argv[2] == "end" else False
-    print("ended:", ended, "in %.0fs" % (time.monotonic() - start), flush=True)
-    if sys.argv[2] == "end":  # a fit() that ended by itself, its trainer kept (as an error's traceback keeps it)
+    if sys.argv[2] == "end":
+        running = LearnerThread(trainer())
+        time.sleep(float(sys.argv[1]))  # the controller up, its worker starting or sleeping
+        start = time.monotonic()
+        print("ended:", running.end(timeout_s=60), "in %.0fs" % (time.monotonic() - start), flush=True)
+        # a fit() that ended by itself, its trainer kept (as an error's traceback keeps it)
         failed = LearnerThread(trainer(fails))
         pid = controller_pid(failed)
         failed.thread.join(timeout=120)
-        deadline = time.monotonic() + 20
-        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        print("failed:", type(failed.error()).__name__, "controller gone:", gone(pid), flush=True)
+    if sys.argv[2] == "cancel":  # nothing to save: the controller is killed, its worker ends with it
+        pidfile = sys.argv[3]
+        cancelled = LearnerThread(trainer(config={"pidfile": pidfile}))
+        while not os.path.exists(pidfile) and cancelled.alive():
             time.sleep(0.2)
-        gone = pid is not None and not os.path.exists(f"/proc/{pid}")  # no pid read: not proven gone
-        print("failed:", type(failed.error()).__name__, "controller gone:", gone, flush=True)
+        worker = int(open(pidfile).read() or 0)
+        start = time.monotonic()
+        cancelled.cancel()
+        ended = cancelled.end(timeout_s=60)
+        print("cancelled:", ended, "in %.0fs" % (time.monotonic() - start), type(cancelled.error()).__name__,
+              "worker gone:", gone(worker), flush=True)
     ray.shutdown()
     print("driver survived the shutdown", flush=True)
 """)
 
 
-def run(delay_s: float, how: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", SCRIPT, str(delay_s), how], cwd=REPO, capture_output=True,
+def run(delay_s: float, how: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", SCRIPT, str(delay_s), how, *extra], cwd=REPO, capture_output=True,
                           text=True, timeout=240)
 
 
@@ -75,3 +91,13 @@ def test_an_aborted_learner_ends_before_ray_shuts_down():
     assert "ended: True" in done.stdout and "driver survived the shutdown" in done.stdout
     # a fit() that failed by itself leaves no controller behind while its trainer is still referenced
     assert "controller gone: True" in done.stdout and "failed: None" not in done.stdout, done.stdout
+
+
+@pytest.mark.reliability(fault="a stop while the learner is still starting (nothing to save)",
+                         outcome="its controller is killed rather than asked to abort; the thread ends and the "
+                                 "training worker ends with its owner")
+def test_a_cancelled_learner_ends_at_once_and_its_worker_with_it(tmp_path):
+    done = run(0, "cancel", str(tmp_path / "worker.pid"))
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "cancelled: True" in done.stdout and "worker gone: True" in done.stdout, done.stdout
+    assert "driver survived the shutdown" in done.stdout

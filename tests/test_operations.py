@@ -249,7 +249,8 @@ def test_second_run_is_refused_and_an_early_sigint_stops_the_first(tmp_path, tin
         stopped = time.time()
         first.wait(timeout=90)
         assert first.returncode == 130, "".join(lines)[-3000:]
-        assert time.time() - stopped < 60
+        assert time.time() - stopped < 30  # 4-13 s measured idle; 32 s (63 s in CI) before the judge's wait
+        # honoured the stop and the still-starting learner was killed rather than asked to abort
     finally:
         first.kill()
     run_dir = tmp_path / "demo-cpu"
