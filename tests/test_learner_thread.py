@@ -1,6 +1,7 @@
 """The driver's learner thread: a run that stops while Ray Train's `fit()` still runs aborts it before Ray
 shuts down (a `ray.shutdown()` under a thread inside `fit()` ends the driver: exit 1 here, SIGSEGV once in CI);
-a `fit()` that ended, even one whose trainer is still referenced, leaves no Ray Train controller behind."""
+a `fit()` that ended, even one whose trainer is still referenced, leaves no Ray Train controller behind; a
+learner cancelled while it starts (nothing to save) ends at once, its training worker with it."""
 
 import subprocess
 import sys
@@ -50,54 +51,53 @@ SCRIPT = textwrap.dedent("""
     thread = LearnerThread(early)
     thread.thread.join(timeout=60)
     print("early:", type(thread.error()).__name__, flush=True)
-    if sys.argv[2] == "end":
-        running = LearnerThread(trainer())
-        time.sleep(float(sys.argv[1]))  # the controller up, its worker starting or sleeping
-        start = time.monotonic()
-        print("ended:", running.end(timeout_s=60), "in %.0fs" % (time.monotonic() - start), flush=True)
-        # a fit() that ended by itself, its trainer kept (as an error's traceback keeps it)
-        failed = LearnerThread(trainer(fails))
-        pid = controller_pid(failed)
-        failed.thread.join(timeout=120)
-        print("failed:", type(failed.error()).__name__, "controller gone:", gone(pid), flush=True)
-    if sys.argv[2] == "cancel":  # nothing to save: the controller is killed, its worker ends with it
-        pidfile = sys.argv[3]
-        cancelled = LearnerThread(trainer(config={"pidfile": pidfile}))
-        while not os.path.exists(pidfile) and cancelled.alive():
-            time.sleep(0.2)
-        worker = int(open(pidfile).read() or 0)
-        start = time.monotonic()
-        cancelled.cancel()
-        ended = cancelled.end(timeout_s=60)
-        print("cancelled:", ended, "in %.0fs" % (time.monotonic() - start), type(cancelled.error()).__name__,
-              "worker gone:", gone(worker), flush=True)
+    running = LearnerThread(trainer())
+    time.sleep(6)  # the controller up, its worker starting or sleeping
+    start = time.monotonic()
+    print("ended:", running.end(timeout_s=60), "in %.0fs" % (time.monotonic() - start), flush=True)
+    # a fit() that ended by itself, its trainer kept (as an error's traceback keeps it)
+    failed = LearnerThread(trainer(fails))
+    pid = controller_pid(failed)
+    failed.thread.join(timeout=120)
+    print("failed:", type(failed.error()).__name__, "controller gone:", gone(pid), flush=True)
+    # a learner still starting, cancelled: its controller is killed, its worker ends with it
+    pidfile = sys.argv[1]
+    cancelled = LearnerThread(trainer(config={"pidfile": pidfile}))
+    while not os.path.exists(pidfile) and cancelled.alive():
+        time.sleep(0.2)
+    worker = int(open(pidfile).read() or 0)
+    start = time.monotonic()
+    cancelled.cancel()
+    ended = cancelled.end(timeout_s=60)
+    print("cancelled:", ended, "in %.0fs" % (time.monotonic() - start), type(cancelled.error()).__name__,
+          "worker gone:", gone(worker), flush=True)
     ray.shutdown()
     print("driver survived the shutdown", flush=True)
 """)
 
 
-def run(delay_s: float, how: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", SCRIPT, str(delay_s), how, *extra], cwd=REPO, capture_output=True,
-                          text=True, timeout=240)
+@pytest.fixture(scope="module")
+def script(tmp_path_factory) -> subprocess.CompletedProcess:
+    """The script above, run once for this module's tests (one Ray start instead of one per test)."""
+    pidfile = tmp_path_factory.mktemp("learner-thread") / "worker.pid"
+    return subprocess.run([sys.executable, "-c", SCRIPT, str(pidfile)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.mark.reliability(fault="a stop while Ray Train's fit() still runs in the driver (e.g. Ctrl-C during start-up)",
                          outcome="the learner's controller is aborted and its thread ends before Ray shuts down; "
                                  "the driver exits by its own code")
-def test_an_aborted_learner_ends_before_ray_shuts_down():
-    done = run(6, "end")
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert "early: LearnerAborted" in done.stdout
-    assert "ended: True" in done.stdout and "driver survived the shutdown" in done.stdout
+def test_an_aborted_learner_ends_before_ray_shuts_down(script):
+    assert script.returncode == 0, script.stdout + script.stderr[-3000:]
+    assert "early: LearnerAborted" in script.stdout
+    assert "ended: True" in script.stdout and "driver survived the shutdown" in script.stdout
     # a fit() that failed by itself leaves no controller behind while its trainer is still referenced
-    assert "controller gone: True" in done.stdout and "failed: None" not in done.stdout, done.stdout
+    assert "controller gone: True" in script.stdout and "failed: None" not in script.stdout, script.stdout
 
 
 @pytest.mark.reliability(fault="a stop while the learner is still starting (nothing to save)",
                          outcome="its controller is killed rather than asked to abort; the thread ends and the "
                                  "training worker ends with its owner")
-def test_a_cancelled_learner_ends_at_once_and_its_worker_with_it(tmp_path):
-    done = run(0, "cancel", str(tmp_path / "worker.pid"))
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert "cancelled: True" in done.stdout and "worker gone: True" in done.stdout, done.stdout
-    assert "driver survived the shutdown" in done.stdout
+def test_a_cancelled_learner_ends_at_once_and_its_worker_with_it(script):
+    assert script.returncode == 0, script.stdout + script.stderr[-3000:]
+    assert "cancelled: True" in script.stdout and "worker gone: True" in script.stdout, script.stdout
