@@ -75,7 +75,11 @@ class JudgeStartCancelled(Exception):
 
 
 class JudgeStartFailed(RuntimeError):
-    """The judge's applications failed to deploy or did not come up in time; the message names which and why."""
+    """The judge's applications failed to deploy; the message names which and why."""
+
+
+class JudgeStartTimedOut(JudgeStartFailed):
+    """The judge did not come up within its deadline; the message names what was still waiting."""
 
 
 QUIET = {"log_level": "WARNING", "enable_access_log": False}
@@ -86,8 +90,8 @@ QUIET = {"log_level": "WARNING", "enable_access_log": False}
 def start_judge(cfg: JudgeConfig, *, cancel: threading.Event | None = None,
                 deadline_s: float | None = None) -> JudgeService:
     """Deploy the judge's Serve applications (after `ray.init`), all at once, and wait until they answer.
-    The wait ends early when `cancel` is set (`JudgeStartCancelled`) and at `deadline_s`
-    (`JudgeStartFailed`, as is a failed deployment); either way what was deployed is deleted."""
+    The wait ends early when `cancel` is set (`JudgeStartCancelled`), at `deadline_s` (`JudgeStartTimedOut`)
+    or when a deployment fails (`JudgeStartFailed`); each way what was deployed is deleted."""
     import ray
     from ray import serve
 
@@ -110,8 +114,11 @@ def start_judge(cfg: JudgeConfig, *, cancel: threading.Event | None = None,
     try:
         service.handle = serve.run_many(targets, wait_for_applications_running=False)[-1]
         _wait_running(service.apps, cancel=cancel, until=until, deadline_s=deadline_s)
-        ray.get(board.all.remote(), timeout=_left(until))  # the board is up before the first report
-        service.handle.warm_up.remote().result(timeout_s=_left(until))
+        try:
+            ray.get(board.all.remote(), timeout=_left(until))  # the board is up before the first report
+            service.handle.warm_up.remote().result(timeout_s=_left(until))
+        except TimeoutError as e:  # ray's GetTimeoutError and Serve's both are
+            raise JudgeStartTimedOut(f"the judge's reward replicas did not warm up within {deadline_s:g}s") from e
     except BaseException:
         service.stop()
         raise
@@ -146,7 +153,7 @@ def _wait_running(apps: tuple[str, ...], *, cancel: threading.Event | None, unti
 
     while waiting := _not_running(apps, serve.status().applications):
         if until is not None and time.monotonic() > until:
-            raise JudgeStartFailed(f"the judge did not come up within {deadline_s:g}s: {'; '.join(waiting)}")
+            raise JudgeStartTimedOut(f"the judge did not come up within {deadline_s:g}s: {'; '.join(waiting)}")
         if cancel is None:
             time.sleep(WAIT_POLL_S)
         elif cancel.wait(WAIT_POLL_S):

@@ -29,7 +29,7 @@ from core.records import Sampling
 from dataprep.loaders import load_prompts as load_file
 from dataprep.synthetic import make_problems
 from judge.prompt_file import load_system_prompt
-from judge.service import SERVE_ENV, JudgeStartCancelled, JudgeStartFailed, start_judge
+from judge.service import SERVE_ENV, JudgeStartCancelled, JudgeStartFailed, JudgeStartTimedOut, start_judge
 from learner.sft import SFTInterrupted, run_sft
 from learner.wiring import LearnerWiring
 from learner.worker import train_loop_per_worker
@@ -354,8 +354,10 @@ def _start_judge(cfg: Config, stop: StopSignals):
     except JudgeStartCancelled:
         stop.check("start-up")
         raise
+    except JudgeStartTimedOut as e:
+        raise RunFailed(f"{e}; raise run.startup_timeout_s if it needs longer") from None
     except JudgeStartFailed as e:
-        raise RunFailed(f"{e} (the deadline is run.startup_timeout_s)") from None
+        raise RunFailed(str(e)) from None
     stop.install()  # in case Serve installed its own handlers
     return judge
 

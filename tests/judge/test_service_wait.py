@@ -10,7 +10,7 @@ import pytest
 from ray import serve
 from ray.serve.schema import ApplicationStatus
 
-from judge.service import JudgeStartCancelled, JudgeStartFailed, _wait_running
+from judge.service import JudgeStartCancelled, JudgeStartFailed, JudgeStartTimedOut, _wait_running
 
 APPS = ("judge-llm", "reward")
 
@@ -53,8 +53,9 @@ def test_a_failed_deployment_is_named_with_serves_message(monkeypatch):
     failed = {"judge-llm": (ApplicationStatus.DEPLOY_FAILED, "replica constructor raised: no GPU"),
               "reward": (ApplicationStatus.DEPLOYING, "")}
     status_sequence(monkeypatch, DEPLOYING, failed)
-    with pytest.raises(JudgeStartFailed, match="'judge-llm' failed to deploy: replica constructor raised: no GPU"):
+    with pytest.raises(JudgeStartFailed, match="'judge-llm' failed to deploy: replica constructor raised: no GPU") as e:
         _wait_running(APPS, cancel=None, until=None, deadline_s=None)
+    assert not isinstance(e.value, JudgeStartTimedOut)
 
 
 def test_the_deadline_names_what_is_still_waiting(monkeypatch):
@@ -63,7 +64,7 @@ def test_the_deadline_names_what_is_still_waiting(monkeypatch):
              "reward": (ApplicationStatus.RUNNING, "")}
     status_sequence(monkeypatch, stuck)
     start = time.monotonic()
-    with pytest.raises(JudgeStartFailed) as e:
+    with pytest.raises(JudgeStartTimedOut) as e:
         _wait_running(APPS, cancel=threading.Event(), until=time.monotonic() + 0.5, deadline_s=0.5)
     assert time.monotonic() - start < 5
     assert str(e.value).startswith("the judge did not come up within 0.5s: judge-llm DEPLOYING: Deployment")
