@@ -39,6 +39,8 @@ def test_returns_once_every_app_runs(monkeypatch):
     assert len(calls) == 3
 
 
+@pytest.mark.reliability(fault="SIGINT/SIGTERM while the judge's Serve applications deploy",
+                         outcome="the wait ends within its poll (0.25 s); what was deployed is deleted")
 def test_a_stop_request_ends_the_wait_at_once(monkeypatch):
     status_sequence(monkeypatch, DEPLOYING)
     cancel = threading.Event()
@@ -58,6 +60,9 @@ def test_a_failed_deployment_is_named_with_serves_message(monkeypatch):
     assert not isinstance(e.value, JudgeStartTimedOut)
 
 
+@pytest.mark.reliability(fault="the judge's applications never come up (e.g. a vLLM judge asking for a GPU no node has)",
+                         outcome="the run fails at run.startup_timeout_s naming each app still waiting and Serve's "
+                                 "message")
 def test_the_deadline_names_what_is_still_waiting(monkeypatch):
     stuck = {"judge-llm": (ApplicationStatus.DEPLOYING, "Deployment 'VLLMJudgeServer' has 1 replica that cannot be "
                                                         "scheduled: no node has {'GPU': 1}"),
