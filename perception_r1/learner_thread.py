@@ -106,11 +106,6 @@ class LearnerThread:
         out = self.result.get("out")
         return out if isinstance(out, BaseException) else None
 
-    def abort(self) -> None:
-        """Start ending a learner still running (see `end`); returns at once."""
-        if self.alive():
-            self.trainer.abort()
-
     def cancel(self) -> None:
         """End a learner with nothing to save yet (still starting) now: its controller is killed, not asked to
         abort, which it would honour only once its own start-up is done (~10 s measured on 2 busy cores).
