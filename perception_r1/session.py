@@ -60,6 +60,8 @@ from perception_r1.validation import Validation, Validator
 from perception_r1.watchdog import Deadlines, Watchdog
 
 log = logging.getLogger("perception_r1")
+DRAIN_S = 10.0
+"""How long a stopping run waits for its in-flight generation calls (and their scoring) before cancelling them."""
 
 
 class Session:
@@ -156,7 +158,7 @@ class Session:
         (outcome,) = await asyncio.gather(dispatch, return_exceptions=True)
         if isinstance(outcome, Exception) and not isinstance(outcome, PeerLost):
             log.error("the dispatch loop failed: %r", outcome)
-        await self.orchestrator.drain(timeout_s=10.0)
+        await self.orchestrator.drain(timeout_s=DRAIN_S)
         if self.progress is not None:
             self.progress.close()
 

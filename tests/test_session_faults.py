@@ -100,9 +100,10 @@ class HangingGenerator(FakeGenerator):
         await asyncio.sleep(3600)
 
 
-def test_a_stalled_generation_actor_is_named(tmp_path):
+def test_a_stalled_generation_actor_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr("perception_r1.session.DRAIN_S", 1.0)  # the hung call is cancelled after 1 s, not 10
     session, _, _, _ = run_session(tmp_path, generators=lambda v: [HangingGenerator(0, v)], learner=stalls_after_start,
-                                   run=FAST, timeout_s=20)  # + the 10 s drain of the hung call
+                                   run=FAST, timeout_s=20)
     assert "generation actor 0 has had a call in flight" in session.fatal
 
 
