@@ -76,7 +76,7 @@ def main() -> None:
     from actors.actor import remote_class
     from core.config_files import parse_config
     from core.records import Sampling
-    from perception_r1.driver import build_engine
+    from actors.engines import build_engine
 
     ray.init(include_dashboard=False, runtime_env={"env_vars": {"NCCL_NVLS_ENABLE": "0"}},
              num_gpus=1 if args.colocated else None)

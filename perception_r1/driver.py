@@ -23,6 +23,7 @@ from ray.train.torch import TorchConfig
 from ray.util.queue import Queue
 
 from actors.actor import remote_class
+from actors.engines import build_engine, weight_transport
 from core.config import Config, HFEngineConfig, TinyModelConfig
 from core.config_files import to_yaml
 from core.records import Sampling
@@ -151,32 +152,6 @@ def build_actors(cfg: Config, model_path: str) -> list:
                                           name=f"{cfg.run.name}:generator-{i}", max_task_retries=0)
                       .remote(actor_id=i, build_engine=build, sampling=sampling))
     return actors
-
-
-def build_engine(*, cfg: Config, model_path: str):
-    """Runs inside the actor's process: the engine the config names."""
-    engine = cfg.rollout.engine
-    if isinstance(engine, HFEngineConfig):
-        from actors.hf_engine import (
-            HFEngine,  # imported in the actor's process: engines stay lazy
-        )
-
-        device = "cuda" if cfg.rollout.num_gpus_per_actor > 0 else "cpu"
-        return HFEngine(model_path, data=cfg.data, num_threads=engine.num_threads, device=device,
-                      random_weights=getattr(cfg.model, "random_weights", False))
-    from actors.vllm_engine import VLLMEngine
-
-    # vLLM's backend names: the learner's `vllm` transport is its NCCL weight-transfer group
-    return VLLMEngine(model_path, cfg=engine, data=cfg.data, seed=cfg.run.seed,
-                      weight_transfer={"vllm": "nccl", "ipc": "ipc"}[weight_transport(cfg)])
-
-
-def weight_transport(cfg: Config) -> str:
-    """How weights reach the generation actors: `torch` (HF engines), `ipc` (vLLM engines on the learner's
-    GPU), `vllm` (vLLM engines on other GPUs: vLLM's NCCL weight-transfer group)."""
-    if isinstance(cfg.rollout.engine, HFEngineConfig):
-        return "torch"
-    return "ipc" if cfg.colocated else "vllm"
 
 
 def build_buffer(cfg: Config, *, initial_version: int):

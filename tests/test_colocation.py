@@ -12,7 +12,7 @@ import ray
 from core.config_files import load_config, parse_config
 from core.records import WeightManifest
 from perception_r1 import preflight
-from perception_r1.driver import weight_transport
+from actors.engines import weight_transport
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_7B = REPO / "tests" / "fixtures" / "qwen2_5_vl_7b"

@@ -17,7 +17,7 @@ def test_broadcast_makes_actor_weights_equal_learner(ray_cluster, tiny_model_dir
     from core.records import Sampling
     from core.weights import weight_corners
     from learner.sync import WeightBroadcaster
-    from perception_r1.driver import build_engine
+    from actors.engines import build_engine
 
     cfg = parse_config({"model": {"type": "pretrained", "path": tiny_model_dir}})
     build = functools.partial(build_engine, cfg=cfg, model_path=tiny_model_dir)
@@ -74,7 +74,7 @@ def test_an_actor_dying_during_a_sync_skips_that_sync_and_the_next_reforms_the_g
     from core.records import Sampling
     from core.weights import weight_corners
     from learner.sync import ReceiverLost, WeightBroadcaster
-    from perception_r1.driver import build_engine
+    from actors.engines import build_engine
 
     cfg = parse_config({"model": {"type": "pretrained", "path": tiny_model_dir}})
     sampling = Sampling(n=2, temperature=1.0, top_p=1.0, max_new_tokens=4)
@@ -86,7 +86,7 @@ def test_an_actor_dying_during_a_sync_skips_that_sync_and_the_next_reforms_the_g
         import os
 
         import actors.hf_engine as hf
-        from perception_r1.driver import build_engine
+        from actors.engines import build_engine
 
         engine = build_engine(cfg=cfg, model_path=tiny_model_dir)
         receive = hf.receive

@@ -143,7 +143,7 @@ def test_nccl_sync_into_running_vllm_engine(tiny_vl, load):
     from actors.actor import remote_class
     from core.config_files import parse_config
     from core.records import Sampling
-    from perception_r1.driver import build_engine
+    from actors.engines import build_engine
 
     ray.init(num_gpus=2, include_dashboard=False, runtime_env={"env_vars": {"NCCL_NVLS_ENABLE": "0"}})
     try:
