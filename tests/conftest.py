@@ -52,7 +52,7 @@ RAY_SINGLETONS = {"_AutoscalingCoordinatorActor"}
 
 
 WIND_DOWN_S = 20.0
-"""How long a finished run's actors may take to end (Ray Train's DatasetManager outlives `fit()` by a few
+"""How long a finished run's actors may take to end (Ray Train's helper actors outlive `fit()` by a few
 seconds) before the cluster is restarted instead: a restart costs ~10-20 s of start-up on 2 cores."""
 
 
