@@ -161,7 +161,8 @@ def build_buffer(cfg: Config, *, initial_version: int):
         max_bytes=b.max_bytes, initial_version=initial_version, validate_every=cfg.validation.every_steps)
 
 
-def build_trainer(cfg: Config, wiring, run_dir: Path):
+def build_trainer(cfg: Config, wiring, run_dir: Path, *, own_cluster: bool = False):
+    """The learner's Ray Train trainer; `own_cluster`: Ray is a local cluster this run started (see AbortableTrainer)."""
     lc = cfg.learner
     resources = {"CPU": lc.cpus_per_worker} | ({"GPU": lc.num_gpus_per_worker} if lc.num_gpus_per_worker else {})
     return AbortableTrainer(
@@ -171,7 +172,8 @@ def build_trainer(cfg: Config, wiring, run_dir: Path):
         scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=bool(lc.num_gpus_per_worker),
                                      resources_per_worker=resources),
         run_config=RunConfig(name="learner", storage_path=str((run_dir / "ray_train").resolve()),
-                             failure_config=FailureConfig(max_failures=lc.max_restarts)))
+                             failure_config=FailureConfig(max_failures=lc.max_restarts)),
+        own_cluster=own_cluster)
 
 
 def build_sinks(cfg: Config, mlflow_sink: MlflowSink) -> FanOut:
@@ -209,7 +211,7 @@ def train(cfg: Config, *, resume: bool = False) -> RunResult:
                 preflight.check_resources(cfg, ray.cluster_resources())
                 preflight.check_placement(cfg, [node["Resources"] for node in ray.nodes() if node["Alive"]])
                 result = _run(cfg, model_path=model_path, prompts=prompts, held_out=held_out, run_dir=run_dir,
-                              restored=restored, mlflow_sink=mlflow_sink, stop=stop)
+                              restored=restored, mlflow_sink=mlflow_sink, stop=stop, own_cluster=connection == "local")
                 status = "KILLED" if result.stopped_early else "FINISHED"
                 return result
             except Interrupted:
@@ -275,7 +277,7 @@ def _find_resume(run_dir: Path, *, resume: bool):
 
 
 def _run(cfg: Config, *, model_path: str, prompts: list, held_out: list, run_dir: Path, restored,
-         mlflow_sink: MlflowSink, stop: StopSignals) -> RunResult:
+         mlflow_sink: MlflowSink, stop: StopSignals, own_cluster: bool = False) -> RunResult:
     """Start-up overlaps its slow parts: the actors load their engines and Ray Train brings the learner up
     (the slowest part) while the judge's Serve apps deploy; the loops start once the judge answers."""
     ckpt_path, state = restored if restored else (None, None)
@@ -290,7 +292,7 @@ def _run(cfg: Config, *, model_path: str, prompts: list, held_out: list, run_dir
                            weight_transport=weight_transport(cfg))
     judge, session, learner = None, None, None
     try:
-        learner = LearnerThread(build_trainer(cfg, wiring, run_dir))
+        learner = LearnerThread(build_trainer(cfg, wiring, run_dir, own_cluster=own_cluster))
         log.info("start-up: actors, learner and judge starting")
         judge = _start_judge(cfg, stop)
         session = Session(cfg, stream=stream, generators=[RayGenerator(a) for a in actors], scorer=judge,

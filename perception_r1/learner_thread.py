@@ -15,6 +15,7 @@ import threading
 
 import ray
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
 
 log = logging.getLogger("perception_r1")
 KILL_WAIT_S = 15.0
@@ -28,8 +29,12 @@ class AbortableTrainer(TorchTrainer):
     and keeps no handle; this override is that method's body with the handle kept. Written here, not with a
     public API, because Ray Train v2 offers no way to abort a `fit()` running off the main thread."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, own_cluster: bool = False, **kwargs) -> None:
+        """`own_cluster`: the cluster is one this run started (`ray.init()` of a local one), so it has no autoscaler
+        and ends with the run; Ray Train's helpers for autoscaled, shared clusters are left out (see
+        `OwnClusterPolicy` and `_create_default_callbacks`)."""
         super().__init__(*args, **kwargs)
+        self._own_cluster = own_cluster
         self._lock = threading.Lock()
         self._controller = None
         self._aborted = False
@@ -39,9 +44,13 @@ class AbortableTrainer(TorchTrainer):
         the replay buffer): that callback starts a DatasetManager actor at every learner start all the same (~3 s
         of CPU on 2 cores, measured; a worker without it gets no dataset shard provider, which it never asks for)."""
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-        callbacks = super()._create_default_callbacks()
-        return callbacks if self.datasets else [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
+        left_out = (() if self.datasets else (DatasetsCallback,)) + (
+            # a detached actor that polls the state API every second to remove the worker group's placement group
+            # should the controller die; an own cluster ends with the run, placement groups and all (~4 s of CPU)
+            (PlacementGroupCleanerCallback,) if self._own_cluster else ())
+        return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, left_out)]
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
@@ -49,6 +58,8 @@ class AbortableTrainer(TorchTrainer):
                                                       ENABLE_PREEMPTION_WATCHER_ENV_VAR, get_env_vars_to_propagate)
         from ray.train.v2._internal.execution.controller import TrainController
 
+        if self._own_cluster:
+            controller_init_kwargs["scaling_policy"] = OwnClusterPolicy(self.scaling_config)
         env_vars = get_env_vars_to_propagate()
         env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
         if single_node():  # a preempted only node takes the controller with it: the watcher has nothing to do
@@ -87,6 +98,25 @@ class AbortableTrainer(TorchTrainer):
             controller = self._controller
         if controller is not None:
             ray.kill(controller, no_restart=True)
+
+
+class OwnClusterPolicy(FixedScalingPolicy):
+    """Ray Train's fixed-size policy without its requests to the autoscaler, for a cluster with none (one this run
+    started). Upstream registers the learner's resources with a detached `_AutoscalingCoordinatorActor` (a new
+    process that imports Ray Data) and waits up to 5 s for the answer: on a fresh local cluster on 2 cores the
+    actor is not up in time, and the learner's start-up waited those 5 s ("Failed to send resource request", measured)."""
+
+    def after_controller_start(self, train_run_context) -> None:
+        self._requester_id = f"train-{train_run_context.run_id}"
+
+    def _maybe_send_resource_request(self) -> None:
+        pass
+
+    def _send_resource_request(self) -> None:
+        pass
+
+    def _cancel_resource_request(self) -> None:
+        pass
 
 
 def single_node() -> bool:

@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
         raise RuntimeError("the learner's loop failed")
 
     def trainer(fn=loop, config=None):
-        return AbortableTrainer(fn, train_loop_config=config or {},
+        return AbortableTrainer(fn, train_loop_config=config or {}, own_cluster=True,  # as the driver's local Ray
                                 scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}))
 
     def gone(pid, wait_s=20):
@@ -101,3 +101,36 @@ def test_an_aborted_learner_ends_before_ray_shuts_down(script):
 def test_a_cancelled_learner_ends_at_once_and_its_worker_with_it(script):
     assert script.returncode == 0, script.stdout + script.stderr[-3000:]
     assert "cancelled: True" in script.stdout and "worker gone: True" in script.stdout, script.stdout
+
+
+def trainer(*, own_cluster: bool):
+    from ray.train import ScalingConfig
+
+    from perception_r1.learner_thread import AbortableTrainer
+
+    return AbortableTrainer(lambda config: None, own_cluster=own_cluster,
+                            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}))
+
+
+def test_an_own_cluster_learner_starts_no_autoscaler_or_placement_group_helpers():
+    """On a cluster the run started (no autoscaler, gone with the run) the learner leaves out Ray Train's
+    placement-group cleaner and autoscaler requests; on any cluster, without Ray Datasets, the dataset manager."""
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
+
+    from perception_r1.learner_thread import OwnClusterPolicy
+
+    kinds = {own: {type(cb) for cb in trainer(own_cluster=own)._create_default_callbacks()} for own in (True, False)}
+    assert PlacementGroupCleanerCallback in kinds[False] and PlacementGroupCleanerCallback not in kinds[True]
+    assert DatasetsCallback not in kinds[False] | kinds[True]
+
+    class Context:
+        run_id = "r1"
+
+    policy = OwnClusterPolicy(trainer(own_cluster=True).scaling_config)
+    policy.after_controller_start(Context())  # without Ray: upstream's would create the coordinator actor
+    decision = policy.make_decision_for_non_running_worker_group()
+    assert isinstance(decision, ResizeDecision) and decision.num_workers == 1
+    policy._cancel_resource_request()
+    assert policy._coordinator_client is None
