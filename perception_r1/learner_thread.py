@@ -27,7 +27,9 @@ class AbortableTrainer(TorchTrainer):
 
     Ray 2.60 (pinned in pyproject.toml) creates the controller in the private `_initialize_and_run_controller`
     and keeps no handle; this override is that method's body with the handle kept. Written here, not with a
-    public API, because Ray Train v2 offers no way to abort a `fit()` running off the main thread."""
+    public API, because Ray Train v2 offers no way to abort a `fit()` running off the main thread. Two more
+    overrides leave out Ray Train's helpers that a run does not need (`_create_default_callbacks`, and
+    `OwnClusterPolicy` on a cluster the run started): each is a process started at every learner start."""
 
     def __init__(self, *args, own_cluster: bool = False, **kwargs) -> None:
         """`own_cluster`: the cluster is one this run started (`ray.init()` of a local one), so it has no autoscaler
@@ -42,7 +44,8 @@ class AbortableTrainer(TorchTrainer):
     def _create_default_callbacks(self) -> list:
         """Ray Train's own callbacks, less the datasets one when the trainer has no Ray Datasets (the learner reads
         the replay buffer): that callback starts a DatasetManager actor at every learner start all the same (~3 s
-        of CPU on 2 cores, measured; a worker without it gets no dataset shard provider, which it never asks for)."""
+        of CPU on 2 cores, measured; a worker without it gets no dataset shard provider, which it never asks for);
+        and on an own cluster, less the placement-group cleaner."""
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
