@@ -2,8 +2,8 @@
 
 Kept apart from the driver on purpose: the driver hands `build_engine` to each actor as a pickled function,
 and unpickling it imports the module that defines it; from here that is the config schema only (the
-engine's own module is imported inside), not the driver with Ray Train, Serve and the SFT stage (~3.5 s of
-CPU per actor start on 2 cores, measured)."""
+engine's own module is imported inside), not the driver with Ray Train, Serve and the SFT stage (the actor's
+process took 13.0 s of CPU in a 2-step run on 2 cores with the driver's copy, 11.0 s with this one)."""
 
 from __future__ import annotations
 

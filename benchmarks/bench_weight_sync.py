@@ -74,9 +74,9 @@ def main() -> None:
     parser.add_argument("--colocated", action="store_true", help="learner and engine on one GPU, CUDA IPC")
     args = parser.parse_args()
     from actors.actor import remote_class
+    from actors.engines import build_engine
     from core.config_files import parse_config
     from core.records import Sampling
-    from actors.engines import build_engine
 
     ray.init(include_dashboard=False, runtime_env={"env_vars": {"NCCL_NVLS_ENABLE": "0"}},
              num_gpus=1 if args.colocated else None)

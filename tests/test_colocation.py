@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import ray
 
+from actors.engines import weight_transport
 from core.config_files import load_config, parse_config
 from core.records import WeightManifest
 from perception_r1 import preflight
-from actors.engines import weight_transport
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_7B = REPO / "tests" / "fixtures" / "qwen2_5_vl_7b"

@@ -13,11 +13,11 @@ def test_broadcast_makes_actor_weights_equal_learner(ray_cluster, tiny_model_dir
     from transformers import AutoModelForImageTextToText
 
     from actors.actor import remote_class
+    from actors.engines import build_engine
     from core.config_files import parse_config
     from core.records import Sampling
     from core.weights import weight_corners
     from learner.sync import WeightBroadcaster
-    from actors.engines import build_engine
 
     cfg = parse_config({"model": {"type": "pretrained", "path": tiny_model_dir}})
     build = functools.partial(build_engine, cfg=cfg, model_path=tiny_model_dir)
@@ -70,11 +70,11 @@ def test_an_actor_dying_during_a_sync_skips_that_sync_and_the_next_reforms_the_g
     from transformers import AutoModelForImageTextToText
 
     from actors.actor import remote_class
+    from actors.engines import build_engine
     from core.config_files import parse_config
     from core.records import Sampling
     from core.weights import weight_corners
     from learner.sync import ReceiverLost, WeightBroadcaster
-    from actors.engines import build_engine
 
     cfg = parse_config({"model": {"type": "pretrained", "path": tiny_model_dir}})
     sampling = Sampling(n=2, temperature=1.0, top_p=1.0, max_new_tokens=4)

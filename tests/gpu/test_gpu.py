@@ -141,9 +141,9 @@ def test_nccl_sync_into_running_vllm_engine(tiny_vl, load):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     from actors.actor import remote_class
+    from actors.engines import build_engine
     from core.config_files import parse_config
     from core.records import Sampling
-    from actors.engines import build_engine
 
     ray.init(num_gpus=2, include_dashboard=False, runtime_env={"env_vars": {"NCCL_NVLS_ENABLE": "0"}})
     try:
