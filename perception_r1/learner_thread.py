@@ -110,16 +110,11 @@ class OwnClusterPolicy(FixedScalingPolicy):
     actor is not up in time, and the learner's start-up waited those 5 s ("Failed to send resource request", measured)."""
 
     def after_controller_start(self, train_run_context) -> None:
+        """Upstream's, less creating the coordinator client and sending it the learner's resources."""
         self._requester_id = f"train-{train_run_context.run_id}"
 
     def _maybe_send_resource_request(self) -> None:
-        pass
-
-    def _send_resource_request(self) -> None:
-        pass
-
-    def _cancel_resource_request(self) -> None:
-        pass
+        """No coordinator to ask (upstream's `_cancel_resource_request` already skips a client never created)."""
 
 
 def single_node() -> bool:
